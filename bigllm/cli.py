@@ -1,0 +1,52 @@
+"""The `bigllm` console script: one entry point, one subcommand per job.
+
+    bigllm tokenizer train --input corpus.jsonl --vocab-size 8000 --output tok/
+    bigllm preprocess --input corpus.jsonl --tokenizer tok/ --output-prefix data/corpus
+    bigllm train configs/tiny.yaml train.max_steps=20 parallel.tp=2
+
+Each subcommand lives in `bigllm/commands/<name>.py` with `register(subparsers)` (argparse
+only) and a handler that imports the heavy libraries lazily, so `bigllm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bigllm import __version__
+from bigllm.errors import BigLLMError
+
+COMMANDS = ("tokenizer", "preprocess", "train", "evaluate", "generate", "convert", "slurm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"bigllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"bigllm.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.handler(args)
+    except BigLLMError as exc:
+        # User-fixable problems: one line naming cause and fix, non-zero exit, no traceback.
+        print(f"bigllm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bigllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

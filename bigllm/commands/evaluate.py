@@ -1,0 +1,12 @@
+"""`bigllm evaluate`: not built yet (see the issue tracker)."""
+
+from bigllm.errors import BigLLMError
+
+
+def _not_yet(args):
+    raise BigLLMError("'bigllm evaluate' is not available in this version yet")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="(not available yet)")
+    p.set_defaults(handler=_not_yet)

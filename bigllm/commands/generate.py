@@ -1,0 +1,12 @@
+"""`bigllm generate`: not built yet (see the issue tracker)."""
+
+from bigllm.errors import BigLLMError
+
+
+def _not_yet(args):
+    raise BigLLMError("'bigllm generate' is not available in this version yet")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="(not available yet)")
+    p.set_defaults(handler=_not_yet)

@@ -1,0 +1,182 @@
+"""The typed config tree of a bigllm run.
+
+One YAML file (see configs/) fills `RunConfig`; dotted overrides on the command line change
+any leaf (`parallel.tp=2`). Everything that can be checked without a process group is checked
+in `validate()` / `validate_world()`, so bad layouts fail before any rank starts talking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from bigllm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    # Grouped-query attention: key/value heads; null means = num_attention_heads (plain MHA).
+    num_kv_heads: Optional[int] = None
+    # SwiGLU inner size; null means Llama's rule: 2/3 * 4h rounded up to a multiple of 64.
+    ffn_hidden_size: Optional[int] = None
+    seq_length: int = 128
+    # Vocabulary size of the model; null means: the tokenizer's size, padded (see below).
+    vocab_size: Optional[int] = None
+    # The embedding table is padded to a multiple of this times tp (Megatron's convention).
+    make_vocab_size_divisible_by: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Dropout on attention probabilities and on residual branches.
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # Recompute each transformer block in backward (saves activation memory).
+    activation_checkpointing: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                              f"model.num_kv_heads={self.kv_heads}")
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "seq_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: .bin/.idx prefixes written by `bigllm preprocess`."""
+
+    # Directory holding tokenizer.model (written by `bigllm tokenizer train`).
+    tokenizer: str = ""
+    # Shard prefixes (PREFIX.bin / PREFIX.idx), blended with `weights`.
+    prefixes: list[str] = field(default_factory=list)
+    # Blending weights, one per prefix; null means proportional to size (equal weights).
+    weights: Optional[list[float]] = None
+    # Train/valid/test split of each prefix's documents, Megatron style ("969,30,1").
+    split: str = "949,50,1"
+    # Sample-index cache directory; null means `<first prefix dir>/cache`.
+    cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.weights is not None and len(self.weights) != len(self.prefixes):
+            raise ConfigError(f"data.weights has {len(self.weights)} entries but data.prefixes has "
+                              f"{len(self.prefixes)}; give one weight per prefix")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ConfigError(f"data.split must be three comma-separated numbers like '949,50,1', got '{self.split}'")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is cut: tp x pp x dp = world size (dp is derived)."""
+
+    tp: int = 1
+    pp: int = 1
+    # ZeRO stage of the optimizer state sharding (DeepSpeed); pp > 1 allows 0 or 1 only.
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # Timeout of every collective, in seconds; a dead peer fails the run after this.
+    timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} cannot be combined with parallel.pp={self.pp}: "
+                              "DeepSpeed's pipeline engine supports ZeRO 0 or 1; set parallel.zero_stage=1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay (not applied to norms), warmup then decay."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    # Global gradient-norm clipping; 0 disables. Always set explicitly in the DeepSpeed config.
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} is larger than optim.lr={self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch arithmetic, precision, intervals, outputs."""
+
+    micro_batch_size: int = 2
+    # Samples per optimizer step over all data-parallel ranks = micro * grad_accum * dp.
+    global_batch_size: int = 8
+    max_steps: int = 100
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 2
+    run_dir: str = "runs/default"
+    # Peak dense TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16); null disables MFU.
+    peak_tflops: Optional[float] = None
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_iters"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one `bigllm train` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Checks that need no world size."""
+        for section in (self.model, self.data, self.parallel, self.optim, self.train):
+            section.validate()
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tp:
+            raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                              f"parallel.tp={p.tp}")
+        if m.kv_heads % p.tp:
+            raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tp={p.tp}")
+        if m.ffn_size % p.tp:
+            raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={p.tp}")
+        if m.num_layers < p.pp:
+            raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
+                              "pipeline stages; use more layers or fewer stages")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={self.train.micro_batch_size}")
