@@ -145,6 +145,8 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16); null disables MFU.
     peak_tflops: Optional[float] = None
     tensorboard: bool = True
+    # Wall-clock budget in seconds: save and exit (code 3, "requeue me") before it runs out.
+    max_wall_s: Optional[float] = None
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_iters"):
