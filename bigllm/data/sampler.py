@@ -1,0 +1,79 @@
+"""Which samples each data-parallel rank reads, by consumed-sample count.
+
+The position in the data is one integer, `consumed_samples` (saved with every checkpoint), so a
+resumed run reads exactly the batches the interrupted one would have read next:
+
+    step k's global batch = dataset[consumed + k*G : consumed + (k+1)*G]     (G = global batch)
+    dp rank r reads       = its contiguous G/dp slice, in micro batches of `micro_batch_size`
+
+Indices wrap modulo len(dataset). megatron sizes the training dataset from the requested
+num_samples, so wrapping only happens when a run goes past that (e.g. max_steps raised on
+resume); it then repeats the dataset from its start in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+
+from bigllm.errors import ConfigError
+
+# The keys of a GPTDataset item that the model consumes, with their batch dtypes.
+_FIELDS = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+           "position_ids": torch.int64}
+
+
+def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro batches of this dp rank, starting at the step that begins at `consumed_samples`.
+
+    Each step yields global / (micro * dp) micro batches: {"tokens", "labels", "position_ids":
+    [b, s] int64, "loss_mask": [b, s] float32}.
+    """
+    _check_layout(global_batch_size, micro_batch_size, dp_rank, dp_size)
+    if consumed_samples < 0:
+        raise ConfigError(f"consumed_samples must be >= 0, got {consumed_samples}")
+    size = len(dataset)
+    if size == 0:
+        raise ConfigError("the dataset is empty; nothing to sample")
+    per_rank = global_batch_size // dp_size
+    step_start = consumed_samples
+    while True:
+        first = step_start + dp_rank * per_rank
+        for offset in range(0, per_rank, micro_batch_size):
+            start = first + offset
+            yield collate([dataset[i % size] for i in range(start, start + micro_batch_size)])
+        step_start += global_batch_size
+
+
+def eval_batches(dataset, num_batches: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The same `num_batches` micro batches every call: the first num_batches * micro * dp samples.
+
+    Batch k covers samples [k*micro*dp, (k+1)*micro*dp), this rank taking its contiguous micro
+    slice, so validation loss is comparable across steps.
+    """
+    if num_batches < 0:
+        raise ConfigError(f"num_batches must be >= 0, got {num_batches}")
+    batches = micro_batches(dataset, 0, micro_batch_size * dp_size, micro_batch_size, dp_rank, dp_size)
+    return itertools.islice(batches, num_batches)
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack GPTDataset items into a batch: each field [s] -> [b, s] (extra keys are dropped)."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)
+            for key, dtype in _FIELDS.items()}
+
+
+def _check_layout(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+    if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size <= 0:
+        raise ConfigError(f"batch sizes and dp size must be positive, got global={global_batch_size}, "
+                          f"micro={micro_batch_size}, dp={dp_size}")
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                          f"train.micro_batch_size={micro_batch_size} * dp={dp_size} "
+                          f"(= {micro_batch_size * dp_size}); make it a multiple")
+    if not 0 <= dp_rank < dp_size:
+        raise ConfigError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
