@@ -104,7 +104,7 @@ def test_launcher_wins_over_slurm():
 
 
 SLURM_2x2 = {  # job 12345: 4 tasks, 2 per node, on gpu[007-008]; this is task 3
-    "SLURM_JOB_ID": "12345", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "12345", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
     "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "gpu[007-008]",
 }
 
@@ -128,7 +128,7 @@ def test_slurm_master_port_and_addr_overrides():
 
 
 def test_slurm_uneven_tasks_per_node():
-    base = {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "7", "SLURM_TASKS_PER_NODE": "2(x3),1",
+    base = {"SLURM_JOB_ID": "9", "SLURM_STEPID": "0", "SLURM_NTASKS": "7", "SLURM_TASKS_PER_NODE": "2(x3),1",
             "SLURM_JOB_NODELIST": "c[1-4]"}
     last = resolve_dist_env({**base, "SLURM_PROCID": "6", "SLURM_LOCALID": "0", "SLURM_NODEID": "3"})
     assert (last.local_world_size, last.node_rank, last.master_addr) == (1, 3, "c1")
@@ -139,7 +139,7 @@ def test_slurm_uneven_tasks_per_node():
 def test_slurm_step_variables_win_over_job_variables():
     # An srun step that uses part of the allocation: SLURM_STEP_* describe the step.
     env = resolve_dist_env({
-        "SLURM_JOB_ID": "5", "SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_JOB_ID": "5", "SLURM_STEP_ID": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
         "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
         "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "n[1-2]",
         "SLURM_STEP_NODELIST": "n[2-3]",
@@ -174,6 +174,15 @@ def test_resolve_errors(environ, fragment):
         resolve_dist_env(environ)
 
 
+def test_batch_script_of_multi_task_job_is_rejected():
+    batch = {k: v for k, v in SLURM_2x2.items() if k != "SLURM_STEP_ID"}
+    batch.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    with pytest.raises(DistEnvError, match="batch script, not an srun task"):
+        resolve_dist_env(batch)
+    one_task = {**batch, "SLURM_NTASKS": "1", "SLURM_TASKS_PER_NODE": "1"}
+    assert resolve_dist_env(one_task).world_size == 1
+
+
 def test_export_round_trip():
     env = resolve_dist_env(SLURM_2x2)
     target: dict[str, str] = {"UNRELATED": "1"}
@@ -191,3 +200,14 @@ def test_env_module_is_light():
     import sys
     code = "import sys, bigllm.slurm.env; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recorded_srun_task_environment():
+    # Recorded in task 1 of `sbatch --nodes=2 --ntasks-per-node=1` + `srun` on Slurm 22.05.
+    recorded = """SLURM_GTIDS=1 SLURM_JOBID=1 SLURM_JOB_CPUS_PER_NODE=1(x2) SLURM_JOB_ID=1
+    SLURM_JOB_NODELIST=node[1-2] SLURM_JOB_NUM_NODES=2 SLURM_LOCALID=0 SLURM_NNODES=2 SLURM_NODEID=1
+    SLURM_NODELIST=node[1-2] SLURM_NPROCS=2 SLURM_NTASKS=2 SLURM_NTASKS_PER_NODE=1 SLURM_PROCID=1
+    SLURM_STEPID=0 SLURM_STEP_ID=0 SLURM_STEP_NODELIST=node[1-2] SLURM_STEP_NUM_NODES=2
+    SLURM_STEP_NUM_TASKS=2 SLURM_STEP_TASKS_PER_NODE=1(x2) SLURM_TASKS_PER_NODE=1(x2)"""
+    environ = dict(item.split("=", 1) for item in recorded.split())
+    assert resolve_dist_env(environ) == DistEnv(1, 2, 0, 1, 1, "node1", slurm_port(1), "slurm")

@@ -223,10 +223,21 @@ def _slurm_local_world(environ: Mapping[str, str], node_rank: int, world: int) -
     return _int(environ, "SLURM_NTASKS_PER_NODE", world)
 
 
+def _check_not_batch_shell(environ: Mapping[str, str], world: int) -> None:
+    """The batch script also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but it is one
+    process, not a task: treating it as rank 0 of N would hang in the rendezvous."""
+    in_job = _first(environ, "SLURM_JOB_ID", "SLURM_JOBID") is not None
+    in_step = _first(environ, "SLURM_STEP_ID", "SLURM_STEPID") is not None
+    if in_job and not in_step and world > 1:
+        raise DistEnvError(f"SLURM_NTASKS={world} but this process is the batch script, not an srun task "
+                           "(SLURM_STEP_ID is unset): start one process per task with `srun`, or use torchrun")
+
+
 def _from_slurm(environ: Mapping[str, str], default_port: int) -> DistEnv:
     """One process per srun task; SLURM_STEP_* (set by srun) win over the job-wide values."""
     rank = _int(environ, "SLURM_PROCID")
     world = _int(environ, "SLURM_STEP_NUM_TASKS", _int(environ, "SLURM_NTASKS", 1))
+    _check_not_batch_shell(environ, world)
     node_rank = _int(environ, "SLURM_NODEID", 0)
     local_world = _slurm_local_world(environ, node_rank, world)
     local_rank = _int(environ, "SLURM_LOCALID", rank % max(local_world, 1))
@@ -244,6 +255,8 @@ def resolve_dist_env(environ: Mapping[str, str] = os.environ, default_port: int 
     torchrun / deepspeed launcher variables when RANK is set; else SLURM task variables when
     SLURM_PROCID is set (master = first host of the node list, port = MASTER_PORT or derived
     from SLURM_JOB_ID so every task and every requeue agree); else rank 0 of 1 on 127.0.0.1.
+    A multi-task job's batch script (SLURM_PROCID set, SLURM_STEP_ID not) is an error, since
+    it is not one of the tasks.
     """
     if _first(environ, "RANK") is not None:
         return _check(_from_launcher(environ, default_port))
