@@ -89,7 +89,13 @@ def build_gpt_datasets(data: DataConfig, seq_length: int, seed: int, tokenizer,
     sizes = [max(int(n), 1) for n in num_samples]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with _world_for_blending(len(prefixes) > 1):
-        datasets = builder.build()
+        try:
+            datasets = builder.build()
+        except FileNotFoundError as err:
+            # Ranks other than 0 only load: a cache rank 0 wrote where they cannot see it.
+            raise DataError(f"sample-index cache file missing on this rank ({err.filename}); rank 0 "
+                            f"builds {config.path_to_cache} and the other ranks read it, so "
+                            "data.cache_dir must be on a filesystem shared by all nodes") from err
     return tuple(ds if n > 0 else None for ds, n in zip(datasets, num_samples))
 
 
