@@ -1,0 +1,83 @@
+"""Put the model's layers on the parallel layout: a DeepSpeed PipelineModule when pp > 1, a
+plain sequence of the same layers when pp == 1 (so ZeRO 2/3 stay available).
+
+Tensor parallelism is already inside the megatron layers; this module only decides which
+layers live on which pipeline stage and how the tied embedding reaches the last stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bigllm.config import ModelConfig
+from bigllm.model.llama import (Block, Embedding, FinalNorm, Head, lm_loss, tied_logits,
+                                transformer_config)
+
+
+def _seeds(seed: int, num_layers: int) -> dict:
+    """One init seed per layer, independent of where the layer is built."""
+    return {"embed": seed, "blocks": [seed + 1 + i for i in range(num_layers)], "head": seed + 7919}
+
+
+class CausalLM(torch.nn.Module):
+    """All layers in one process (pp == 1).
+
+    forward(tokens [b, s]) -> logits [s, b, v/tp]; with labels/loss_mask [b, s] -> scalar loss.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, precision: str, seed: int):
+        super().__init__()
+        tcfg = transformer_config(cfg, tp, precision)
+        seeds = _seeds(seed, cfg.num_layers)
+        self.embedding = Embedding(tcfg, vocab_size, seeds["embed"])
+        self.blocks = torch.nn.ModuleList(
+            Block(tcfg, i + 1, cfg.rope_theta, seeds["blocks"][i], cfg.activation_checkpointing)
+            for i in range(cfg.num_layers))
+        self.final_norm = FinalNorm(tcfg)
+        self.head = None if cfg.tie_embeddings else Head(tcfg, vocab_size, seeds["head"])
+
+    def forward(self, tokens, labels=None, loss_mask=None):
+        hidden = self.embedding(tokens)
+        for block in self.blocks:
+            hidden = block(hidden)
+        hidden = self.final_norm(hidden)
+        logits = tied_logits(self.embedding, hidden) if self.head is None else self.head(hidden)
+        if labels is None:
+            return logits
+        return lm_loss(logits, labels, loss_mask)
+
+
+def _pipeline_loss(logits, labels):
+    target, loss_mask = labels
+    return lm_loss(logits, target, loss_mask)
+
+
+def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int, precision: str, seed: int):
+    """A DeepSpeed PipelineModule: embedding on the first stage, blocks split evenly, norm and
+    head on the last; a tied head shares the embedding table across first and last stage."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tcfg = transformer_config(cfg, tp, precision)
+    seeds = _seeds(seed, cfg.num_layers)
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seeds["embed"],
+                              tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seeds["embed"], forward_fn=tied_logits,
+                             tied_weight_attr="word_embeddings.weight")
+    else:
+        first = LayerSpec(Embedding, tcfg, vocab_size, seeds["embed"])
+        last = LayerSpec(Head, tcfg, vocab_size, seeds["head"])
+    blocks = [LayerSpec(Block, tcfg, i + 1, cfg.rope_theta, seeds["blocks"][i], cfg.activation_checkpointing)
+              for i in range(cfg.num_layers)]
+    layers = [first, *blocks, LayerSpec(FinalNorm, tcfg), last]
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    return PipelineModule(layers=layers, topology=topology, loss_fn=_pipeline_loss,
+                          partition_method="type:Block", activation_checkpoint_interval=0)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: int):
+    """The model for this rank: CausalLM when pp == 1, else this rank's pipeline stage."""
+    if dims.pp == 1:
+        return CausalLM(cfg, vocab_size, dims.tp, precision, seed)
+    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp, precision, seed)

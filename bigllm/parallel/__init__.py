@@ -1,0 +1,1 @@
+"""How ranks are arranged and started: dims, process groups, CPU workarounds."""

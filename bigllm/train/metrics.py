@@ -1,0 +1,74 @@
+"""Throughput arithmetic and the per-interval log line (console and TensorBoard)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from bigllm.config import ModelConfig
+
+
+def count_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the full (unsharded) model, from the config alone."""
+    h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_size
+    kv = cfg.kv_heads * (h // cfg.num_attention_heads)
+    attn = h * h + 2 * h * kv + h * h  # q, k, v, o
+    mlp = 3 * h * f  # gate, up, down
+    per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+    head = 0 if cfg.tie_embeddings else vocab_size * h
+    return vocab_size * h + L * per_layer + h + head
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B)."""
+    matmul_params = count_params(cfg, vocab_size) - vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
+    # The embedding lookup is no matmul; the head is (tied or not) one h x V matmul.
+    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+
+
+@dataclass
+class StepTimer:
+    """Tokens/s, TFLOP/s per device, MFU and ETA over the last log interval."""
+
+    tokens_per_step: int
+    flops_per_token: float
+    world_size: int
+    max_steps: int
+    peak_tflops: float | None = None
+    _t0: float = field(default_factory=time.perf_counter)
+    _steps: int = 0
+
+    def tick(self) -> None:
+        self._steps += 1
+
+    def read(self, step: int) -> dict:
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        steps, self._steps, self._t0 = self._steps, 0, time.perf_counter()
+        tok_s = self.tokens_per_step * steps / dt
+        tflops = tok_s * self.flops_per_token / self.world_size / 1e12
+        out = {"tokens_per_s": tok_s, "tflops_per_device": tflops, "step_time_s": dt / max(steps, 1),
+               "eta_s": (self.max_steps - step) * dt / max(steps, 1)}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        return out
+
+
+def memory_gb(device) -> float:
+    """Peak accelerator memory on GPUs; this process's peak RSS on the CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_line(step: int, max_steps: int, scalars: dict) -> str:
+    parts = [f"step {step}/{max_steps}", f"loss {scalars['loss']:.4f}", f"lr {scalars['lr']:.3e}",
+             f"grad_norm {scalars.get('grad_norm', float('nan')):.3f}", f"tok/s {scalars['tokens_per_s']:.0f}",
+             f"TFLOP/s/dev {scalars['tflops_per_device']:.3f}"]
+    if "mfu" in scalars:
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    parts += [f"mem {scalars['memory_gb']:.2f}GB", f"ETA {scalars['eta_s'] / 60:.1f}min"]
+    return " | ".join(parts)

@@ -1,0 +1,47 @@
+"""Helpers for tests that launch real multi-process training runs with torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra) -> list[str]:
+    """The tiny config pointed at the test data, logging every step, no mid-run eval/saves."""
+    values = {
+        "data.tokenizer": str(tokenizer_dir), "data.prefixes": f"[{shard_prefix}]", "train.run_dir": str(run_dir),
+        "train.log_interval": 1, "train.eval_interval": 0, "train.save_interval": 0, "train.max_steps": 4,
+        "train.tensorboard": "false", "train.eval_iters": 2, "parallel.tp": 1, "parallel.pp": 1,
+        "parallel.zero_stage": 0,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "bigllm", "train", str(config), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def run_ok(nproc: int, overrides: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = torchrun(nproc, overrides, **kw)
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """step -> training loss, from RUN_DIR/train_log.jsonl."""
+    out = {}
+    for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
