@@ -145,6 +145,9 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16); null disables MFU.
     peak_tflops: Optional[float] = None
     tensorboard: bool = True
+    # Save and exit with code 3 ("requeue me") after this many steps of this launch (Megatron's
+    # --exit-interval); null runs to max_steps. The schedule still follows max_steps.
+    exit_interval: Optional[int] = None
     # Wall-clock budget in seconds: save and exit (code 3, "requeue me") before it runs out.
     max_wall_s: Optional[float] = None
 

@@ -6,7 +6,8 @@ Everything that can be checked before process groups exist is checked in `prefli
 one rank per device builds its share of the model, DeepSpeed's engine, and the data stream,
 resumes from RUN_DIR/checkpoints when there is a checkpoint, and trains. A SIGUSR1/SIGTERM or
 the wall-clock budget makes every rank save at the next step boundary and exit with code 3
-("saved, not finished: requeue me"); 0 means the run reached train.max_steps.
+("saved, not finished: requeue me"); 0 means the run reached train.max_steps. Either way
+RUN_DIR/status.json says {"state": "requeue" | "finished", "step": N, "reason": ...}.
 """
 
 from __future__ import annotations
@@ -171,8 +172,11 @@ class Trainer:
                           flops_per_token(self.cfg.model, self.vocab_size), self.ctx.dims.world_size,
                           t.max_steps, t.peak_tflops)
         stop, save_time, step_time, losses = StopFlag(t.max_wall_s), 0.0, 0.0, []
+        first_step = self.step
         self._say(f"training {self.cfg.model.num_layers}-layer model, layout {self.ctx.dims}, "
                   f"from step {self.step} to {t.max_steps}")
+        if self.step == 0 and t.eval_interval:
+            self._evaluate(valid_ds)  # the untrained model's perplexity, for comparison
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             losses.append(self._train_step(stream))
@@ -187,13 +191,18 @@ class Trainer:
                 self._evaluate(valid_ds)
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
                 save_time = self._save()
+            if t.exit_interval and self.step - first_step >= t.exit_interval and self.step < t.max_steps:
+                stop.reason = f"train.exit_interval={t.exit_interval} steps done"
             if self._agree_to_stop(stop.check(step_time, save_time)):
                 self._save()
-                self._say(f"stopping at step {self.step} ({stop.reason or 'a peer was told to stop'}): "
-                          f"checkpoint saved; exit code {EXIT_REQUEUE} asks for a requeue")
+                reason = stop.reason or "a peer was told to stop"
+                self._write_status("requeue", reason)
+                self._say(f"stopping at step {self.step} ({reason}): checkpoint saved; exit code "
+                          f"{EXIT_REQUEUE} and {self.run_dir / 'status.json'} ask for a requeue")
                 return EXIT_REQUEUE
         self._evaluate(valid_ds)
         self._save()
+        self._write_status("finished", f"reached train.max_steps={t.max_steps}")
         self._say(f"done: checkpoints in {self.run_dir / 'checkpoints'}, TensorBoard logs in "
                   f"{self.run_dir / 'tensorboard'}")
         return 0
@@ -253,6 +262,15 @@ class Trainer:
         path = checkpoint.save(self.engine, self.run_dir, self.step, meta, self.cfg.train.keep_last)
         self._say(f"saved checkpoint {path}")
         return time.perf_counter() - t0
+
+    def _write_status(self, state: str, reason: str) -> None:
+        """RUN_DIR/status.json: how this launch ended. Launchers that hide exit codes (torchrun
+        turns a worker's 3 into 1) read it to decide on a requeue."""
+        if self.ctx.rank == 0:
+            from bigllm.train.checkpoint import _write_atomic
+
+            _write_atomic(self.run_dir / "status.json",
+                          json.dumps({"state": state, "step": self.step, "reason": reason}))
 
     # ----- logging --------------------------------------------------------------------------
     def _log(self, timer, losses) -> None:

@@ -1,0 +1,52 @@
+"""The shipped configs validate for the clusters they are written for, and the DeepSpeed
+config is generated from them (never hand-written)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bigllm.config import RunConfig
+from bigllm.config_loader import load_config
+from bigllm.model.llama import padded_vocab_size
+from bigllm.parallel.dims import ParallelDims
+from bigllm.train.engine import deepspeed_config, lr_lambda
+from bigllm.train.metrics import count_params
+from train_utils import ROOT
+
+# config -> (world size it targets, expected parameter count in millions at a 32k vocabulary)
+TARGETS = {"tiny.yaml": (4, 9), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
+           "llama-7b.yaml": (32, 6738)}
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_config_fits_its_cluster(name):
+    cfg = load_config(RunConfig, ROOT / "configs" / name)
+    world, millions = TARGETS[name]
+    dims = ParallelDims.from_world(world, cfg.parallel.tp, cfg.parallel.pp)
+    ds = deepspeed_config(cfg, dims)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dims.dp
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["zero_optimization"]["stage"] == cfg.parallel.zero_stage
+    assert math.isclose(count_params(cfg.model, 32000) / 1e6, millions, rel_tol=0.01)
+    assert padded_vocab_size(32000, cfg.model, cfg.parallel.tp) % cfg.parallel.tp == 0
+
+
+def test_every_shipped_config_has_a_target():
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == sorted(TARGETS)
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml")
+    o, n = cfg.optim, cfg.train.max_steps
+    f = lr_lambda(o, n)
+    assert f(0) == pytest.approx(1 / o.warmup_steps)
+    assert f(o.warmup_steps - 1) == pytest.approx(1.0)
+    assert f(n) * o.lr == pytest.approx(o.min_lr)
+    assert all(f(s) >= f(s + 1) for s in range(o.warmup_steps, n))
+
+
+def test_padded_vocab_is_layout_invariant():
+    cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml")
+    assert {padded_vocab_size(2000, cfg.model, tp) for tp in (1, 2, 4, 8)} == {2048}
