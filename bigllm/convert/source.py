@@ -1,0 +1,185 @@
+"""Reading a bigllm training checkpoint of any layout as canonical (tp = pp = 1) tensors.
+
+Only files listed in the checkpoint's own manifest (written by `bigllm train`) are opened, and
+the model files are read with `torch.load(weights_only=True)`. The one exception is DeepSpeed's
+ZeRO optimizer shards (`*_optim_states.pt`), which hold Python objects and need a full unpickle:
+they are read only through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`, and only
+when the weights are not in the model files (ZeRO-3, or bf16/fp16 training with --dtype fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from bigllm.config import RunConfig
+from bigllm.convert import layout
+from bigllm.errors import CheckpointError
+
+
+@dataclass
+class Source:
+    """A verified checkpoint: where it is, its config, layout and (padded) vocabulary size."""
+
+    tag_dir: Path
+    meta: dict
+    cfg: RunConfig
+
+    @property
+    def tp(self) -> int:
+        return int(self.meta["layout"]["tp"])
+
+    @property
+    def pp(self) -> int:
+        return int(self.meta["layout"]["pp"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.meta["layout"].get("zero_stage", 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """The RunConfig saved in a checkpoint's meta.json (strictly checked)."""
+    from bigllm.config_loader import _build
+
+    return _build(RunConfig, data)
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A checkpoint tag dir from a tag dir, a run dir (its `latest`) or RUN_DIR/checkpoints."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path '{p}' does not exist")
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = root / "latest"
+        if latest.is_file():
+            return root / latest.read_text().strip()
+    raise CheckpointError(f"'{p}' is neither a checkpoint (no meta.json) nor a run dir (no checkpoints/latest)")
+
+
+def open_source(path: str | Path) -> Source:
+    """Resolve, verify (manifest complete) and describe a checkpoint."""
+    from bigllm.train.checkpoint import verify
+
+    tag_dir = resolve_tag_dir(path)
+    meta = verify(tag_dir)
+    for key in ("config", "layout", "vocab_size"):
+        if key not in meta:
+            raise CheckpointError(f"{tag_dir / 'meta.json'} has no '{key}'; it was not written by bigllm train")
+    return Source(tag_dir=tag_dir, meta=meta, cfg=run_config_from_dict(meta["config"]))
+
+
+def expected_shapes(cfg, vocab_size: int) -> dict[str, tuple]:
+    """Canonical name -> full (tp = 1) shape."""
+    m = cfg.model if isinstance(cfg, RunConfig) else cfg
+    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
+    block = {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
+             "layer.self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
+             "layer.self_attention.linear_qkv.weight": ((m.num_attention_heads + 2 * m.kv_heads) * d, h),
+             "layer.mlp.linear_fc1.weight": (2 * m.ffn_size, h), "layer.mlp.linear_fc2.weight": (h, m.ffn_size)}
+    shapes = {}
+    for name in layout.canonical_names(m):
+        if name in (layout.EMBED, layout.HEAD):
+            shapes[name] = (vocab_size, h)
+        elif name == layout.FINAL_NORM:
+            shapes[name] = (h,)
+        else:
+            shapes[name] = block[name.split(".", 2)[2]]
+    return shapes
+
+
+def _file(src: Source, name: str) -> Path:
+    path = src.tag_dir / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {src.tag_dir} lacks {name}, which its layout "
+                              f"tp={src.tp} pp={src.pp} needs")
+    return path
+
+
+def load_weights_only(path: Path) -> dict:
+    """A torch file as tensors only (memory-mapped: tensors are read when used)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # corrupt file, or one holding arbitrary objects
+        raise CheckpointError(f"cannot read {path} as a weights-only file: {str(exc).splitlines()[0]}") from exc
+
+
+def _strip(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.endswith("._extra_state")}
+
+
+def iter_pp1(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(canonical name, tp shards) from the non-pipeline engine's mp_rank_XX files."""
+    shards = []
+    for t in range(src.tp):
+        module = load_weights_only(_file(src, f"mp_rank_{t:02d}_model_states.pt")).get("module")
+        if not module:
+            raise CheckpointError(f"{src.tag_dir}/mp_rank_{t:02d}_model_states.pt holds no weights "
+                                  f"(ZeRO-{src.zero_stage} keeps them in the optimizer shards)")
+        shards.append(_strip(module))
+    for name in shards[0]:
+        yield name, [s[name] for s in shards]
+
+
+def iter_pipeline(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(canonical name, tp shards) from the pipeline engine's per-layer files, one layer at a time."""
+    n = src.cfg.model.num_layers
+    last = n + 1 if src.cfg.model.tie_embeddings else n + 2  # a tied head has no file of its own
+    for layer in range(last + 1):
+        per_rank = [_strip(load_weights_only(_file(src, f"layer_{layer:02d}-model_{t:02d}-model_states.pt")))
+                    for t in range(src.tp)]
+        for key in per_rank[0]:
+            yield layout.canonical_of(layer, key, n), [r[key] for r in per_rank]
+
+
+def iter_zero_fp32(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """fp32 master weights reassembled by DeepSpeed from the ZeRO optimizer shards (pp = tp = 1)."""
+    if src.tp != 1 or src.pp != 1:
+        raise CheckpointError(f"ZeRO-{src.zero_stage} fp32 master weights can only be gathered for tp=1 pp=1 "
+                              f"checkpoints (this one is tp={src.tp} pp={src.pp}); use --dtype bf16")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(src.tag_dir.parent), tag=src.tag_dir.name)
+    for name, tensor in _strip(state).items():
+        yield name, [tensor]
+
+
+def needs_zero_masters(src: Source, dtype: str) -> bool:
+    """True when the model files do not hold the full-precision weights that were asked for."""
+    if src.pp == 1 and src.zero_stage == 3:
+        return True
+    return dtype == "fp32" and src.cfg.train.precision != "fp32" and src.zero_stage >= 1 and src.pp == 1
+
+
+def iter_canonical(src: Source, dtype: str = "fp32") -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(canonical name, tp shards) in file order, from whichever files hold the weights."""
+    if needs_zero_masters(src, dtype):
+        return iter_zero_fp32(src)
+    return iter_pp1(src) if src.pp == 1 else iter_pipeline(src)
+
+
+def check_complete(src: Source, shapes_seen: dict[str, tuple]) -> None:
+    """Every canonical tensor present with its expected shape, nothing unknown."""
+    expected = expected_shapes(src.cfg, src.vocab_size)
+    unknown = sorted(set(shapes_seen) - set(expected))
+    missing = sorted(set(expected) - set(shapes_seen))
+    if unknown or missing:
+        raise CheckpointError(f"checkpoint {src.tag_dir} does not match its config (layout tp={src.tp} pp={src.pp}): "
+                              f"missing {missing[:3]}, unexpected {unknown[:3]}")
+    for name, shape in shapes_seen.items():
+        if tuple(shape) != expected[name]:
+            raise CheckpointError(f"checkpoint {src.tag_dir}: {name} has shape {tuple(shape)}, the config "
+                                  f"says {expected[name]} (layout tp={src.tp} pp={src.pp})")
