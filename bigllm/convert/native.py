@@ -1,0 +1,155 @@
+"""Write a run dir whose checkpoint DeepSpeed's engine loads at a chosen tp x pp (ZeRO-0, fp32).
+
+    RUN_DIR/config.yaml                    parallel.tp/pp set, parallel.zero_stage=0
+    RUN_DIR/checkpoints/step_NNNNNNN/      DeepSpeed's on-disk format for that layout:
+        pp == 1: mp_rank_TT_model_states.pt       {'module': tp shard, 'optimizer': AdamW state, ...}
+        pp  > 1: layer_LL-model_TT-model_states.pt  one per pipeline layer and tp rank, plus
+                 mp_rank_MM_model_states.pt         (MM = stage * tp + tp rank) with the optimizer
+        meta.json, latest                  as `bigllm train` writes them
+
+The optimizer state is torch AdamW's `state_dict()` for the rank's parameters in bigllm's
+param-group order (matrices, then 1-D weights): fresh (no moments) unless canonical moments are
+given. ZeRO-0 is written because its optimizer state is per parameter and so reshardable by
+the same cuts as the weights; `bigllm train` resumes it with parallel.zero_stage=0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from bigllm.config import RunConfig
+from bigllm.convert import layout
+from bigllm.train.checkpoint import META, _manifest, tag_for
+
+
+def fresh_optim_states(cfg: RunConfig, names: list[str], shapes: dict) -> tuple[dict, dict]:
+    """(AdamW state_dict, LambdaLR state_dict) of a new run, built with bigllm's own factories."""
+    from bigllm.train.engine import lr_lambda, param_groups
+
+    module = torch.nn.Module()
+    params = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(shapes[n], device="meta")) for n in names)
+    module.params = params
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.max_steps))
+    return opt.state_dict(), sched.state_dict()
+
+
+def rank_optimizer(cfg: RunConfig, names: list[str], shards: dict, moments: dict | None,
+                   groups_from: list[dict] | None) -> tuple[dict, dict]:
+    """AdamW + scheduler state for one rank holding `names` (its tp shards in `shards`)."""
+    shapes = {n: tuple(shards[n].shape) for n in names}
+    optim, sched = fresh_optim_states(cfg, names, shapes)
+    if groups_from is not None:  # keep the source run's lr / initial_lr (schedule position)
+        for group, src in zip(optim["param_groups"], groups_from):
+            group.update({k: v for k, v in src.items() if k != "params"})
+    if moments:
+        order = layout.optimizer_order(names, shapes)
+        optim["state"] = {i: {"step": moments[n]["step"].clone(), "exp_avg": moments[n]["exp_avg"],
+                              "exp_avg_sq": moments[n]["exp_avg_sq"]} for i, n in enumerate(order)}
+    return optim, sched
+
+
+def _engine_fields(step: int, consumed: int, tp: int, pp: int, mp_world: int) -> dict:
+    import deepspeed
+
+    return {"buffer_names": [], "param_shapes": None, "frozen_param_shapes": None, "shared_params": None,
+            "frozen_param_fragments": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
+            "global_steps": step, "global_samples": consumed, "dp_world_size": 1, "mp_world_size": mp_world,
+            "checkpoint_parallel_dimensions": {"pp_degree": pp, "tp_degree": tp}, "ds_version": deepspeed.__version__,
+            "step": step, "consumed_samples": consumed}
+
+
+def _module_dict(names: list[str], shard_of) -> OrderedDict:
+    """State dict of `names` (with megatron's `_extra_state` entries) via shard_of(name) -> tensor."""
+    sd = OrderedDict()
+    for name in names:
+        sd[name] = shard_of(name)
+        extra = layout.extra_state_keys([name])
+        if extra:
+            sd[extra[0]] = None
+    return sd
+
+
+class _Shards:
+    """Canonical full tensors, cut lazily per (name, tp) and cached one name at a time."""
+
+    def __init__(self, full: dict, tp: int):
+        self.full, self.tp, self._name, self._cuts = full, tp, None, None
+
+    def get(self, name: str, t: int) -> torch.Tensor:
+        if name != self._name:
+            self._name, self._cuts = name, layout.split_tp(name, self.full[name], self.tp)
+        return self._cuts[t]
+
+
+def _moment_shards(moments: dict | None, tp: int, names: list[str], t: int) -> dict | None:
+    if not moments:
+        return None
+    out = {}
+    for n in names:
+        m = moments[n]
+        out[n] = {"step": m["step"], "exp_avg": layout.split_tp(n, m["exp_avg"], tp)[t],
+                  "exp_avg_sq": layout.split_tp(n, m["exp_avg_sq"], tp)[t]}
+    return out
+
+
+def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, consumed: int = 0,
+                     moments: dict | None = None, groups_from: list[dict] | None = None,
+                     sched_from: dict | None = None) -> None:
+    """All of DeepSpeed's files for cfg.parallel.tp x pp into `tag_dir`."""
+    from tqdm import tqdm
+
+    tp, pp, m = cfg.parallel.tp, cfg.parallel.pp, cfg.model
+    shards = _Shards(state, tp)
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    stages = [layout.canonical_names(m)] if pp == 1 else [layout.stage_names(m, pp, s) for s in range(pp)]
+    for s, names in enumerate(tqdm(stages, desc="write stages", unit="stage")):
+        for t in range(tp):
+            local = {n: shards.get(n, t) for n in names}
+            optim, sched = rank_optimizer(cfg, names, local, _moment_shards(moments, tp, names, t), groups_from)
+            ckpt = {"module": _module_dict(names, local.get) if pp == 1 else None, "optimizer": optim,
+                    "lr_scheduler": sched_from or sched, **_engine_fields(step, consumed, tp, pp, tp * pp)}
+            torch.save(ckpt, tag_dir / f"mp_rank_{s * tp + t:02d}_model_states.pt")
+    if pp > 1:
+        _write_layer_files(shards, m, tp, tag_dir)
+
+
+def _write_layer_files(shards: _Shards, m, tp: int, tag_dir: Path) -> None:
+    """layer_LL-model_TT-model_states.pt: each pipeline layer's local state dict per tp rank."""
+    by_layer: dict[int, list[tuple[str, str]]] = {}
+    for name in layout.canonical_names(m):
+        layer, key = layout.pipeline_layer_of(name, m.num_layers)
+        by_layer.setdefault(layer, []).append((name, key))
+    for layer, items in sorted(by_layer.items()):
+        for t in range(tp):
+            sd = OrderedDict()
+            for name, key in items:
+                sd[key] = shards.get(name, t)
+                for extra in layout.extra_state_keys([key]):
+                    sd[extra] = None
+            torch.save(sd, tag_dir / f"layer_{layer:02d}-model_{t:02d}-model_states.pt")
+
+
+def write_run(state: dict, cfg: RunConfig, vocab_size: int, output: str | Path, tokenizer_vocab: int,
+              origin: dict, step: int = 0, consumed: int = 0, **optim_state) -> Path:
+    """OUT/config.yaml + OUT/checkpoints/<tag>/ (+ meta.json, latest) that `bigllm train` resumes."""
+    from bigllm.config_loader import save_config, to_dict
+
+    out = Path(output)
+    tag = tag_for(step)
+    tag_dir = out / "checkpoints" / tag
+    write_checkpoint(state, cfg, tag_dir, step, consumed, **optim_state)
+    save_config(cfg, out / "config.yaml")
+    layout_info = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": 1, "zero_stage": 0}
+    meta = {"config": to_dict(cfg), "consumed_samples": consumed, "client": {"consumed_samples": consumed},
+            "tokenizer": cfg.data.tokenizer, "layout": layout_info, "vocab_size": vocab_size,
+            "tokenizer_vocab_size": tokenizer_vocab, "step": step, "tag": tag, "world_size": cfg.parallel.tp * cfg.parallel.pp,
+            "converted": origin, "manifest": _manifest(tag_dir)}
+    (tag_dir / META).write_text(json.dumps(meta, indent=2))
+    (out / "checkpoints" / "latest").write_text(tag)
+    return out
