@@ -1,0 +1,219 @@
+"""Tokenize a corpus into megatron-core `.bin`/`.idx` shards (one document per record).
+
+    result = preprocess(["corpus.jsonl"], "tok/", "data/corpus", workers=4)
+    # -> data/corpus.bin, data/corpus.idx, readable by IndexedDataset("data/corpus", mmap=True)
+
+How it stays fast and flat in memory:
+- the main process streams documents (bigllm.data.readers) in chunks of `chunk_docs`;
+- worker processes encode a whole chunk with one SentencePiece batch call that returns NumPy
+  arrays, append EOD, and send back one token array + one lengths array per chunk;
+- at most `2 * workers` chunks are in flight (Pool.imap would read the whole corpus ahead);
+- the main process writes chunks in input order, so the bytes do not depend on `workers`.
+
+Shards are written under temporary names and renamed only when complete (see `shard_writer`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from bigllm.data.readers import ReadStats, check_inputs, iter_corpus
+from bigllm.errors import DataError
+
+# Documents per worker task: big enough that SentencePiece's batch call and the IPC amortise
+# their per-call cost, small enough that in-flight memory stays a few MB.
+CHUNK_DOCS = 1000
+
+
+@dataclass
+class PreprocessResult:
+    """Summary of one `preprocess` or `merge_shards` run."""
+
+    output_prefix: str
+    docs: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"wrote {self.output_prefix}.bin/.idx: {self.docs} documents, {self.tokens} tokens in "
+                f"{self.seconds:.1f} s ({rate:,.0f} tokens/s); skipped {self.stats.empty} empty and "
+                f"{self.stats.bad} bad records")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: one SentencePiece processor per process.
+
+
+class ChunkEncoder:
+    """Encodes a chunk of documents into one token array plus per-document lengths."""
+
+    def __init__(self, model_path: str, dtype_name: str, eod: int | None):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.dtype = np.dtype(dtype_name)
+        self.eod = eod
+
+    def _encode_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """Batch-encode to int32 arrays; NumPy output avoids building a Python int per token."""
+        try:
+            return self.sp.encode(texts, return_type="numpy", num_threads=1)
+        except (TypeError, ValueError):  # sentencepiece < 0.2.1 has no NumPy output
+            return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts, num_threads=1)]
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens of all documents concatenated, each document's length with its EOD)."""
+        arrays = self._encode_ids(texts)
+        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        if self.eod is not None:
+            eod = np.array([self.eod], dtype=np.int32)
+            arrays = [part for a in arrays for part in (a, eod)]
+            lengths += 1
+        tokens = np.concatenate(arrays).astype(self.dtype, copy=False) if arrays else np.empty(0, self.dtype)
+        return tokens, lengths
+
+
+# The encoder of a pool worker process (set once by the pool initializer; never used in the
+# main process).
+_WORKER_ENCODER: ChunkEncoder | None = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = ChunkEncoder(*args)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _WORKER_ENCODER(texts)
+
+
+def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(islice(docs, size)):
+        yield chunk
+
+
+def _encode_in_order(chunks: Iterator[list[str]], workers: int, init_args: tuple):
+    """Yield `ChunkEncoder` results in input order, with at most 2 * workers chunks in flight."""
+    if workers <= 1:  # in-process: no pool start-up, same bytes
+        yield from map(ChunkEncoder(*init_args), chunks)
+        return
+    import multiprocessing
+
+    # fork where available: workers start in milliseconds and need no importable __main__
+    # (spawn breaks under `python -` and notebooks). They only touch sentencepiece and NumPy.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: temporary names, renamed when complete.
+
+def _tmp_paths(prefix: str) -> tuple[str, str]:
+    return f"{prefix}.bin.tmp-{os.getpid()}", f"{prefix}.idx.tmp-{os.getpid()}"
+
+
+def _commit(prefix: str, tmp_bin: str, tmp_idx: str) -> None:
+    """Replace PREFIX.bin/.idx by the finished temporaries.
+
+    The old .idx goes first: if we die between the renames, the prefix has no .idx and cannot
+    be opened, rather than pairing a new .bin with an old .idx.
+    """
+    Path(f"{prefix}.idx").unlink(missing_ok=True)
+    os.replace(tmp_bin, f"{prefix}.bin")
+    os.replace(tmp_idx, f"{prefix}.idx")
+
+
+@contextlib.contextmanager
+def shard_writer(prefix: str, dtype):
+    """An `IndexedDatasetBuilder` writing to temporary files, committed only if the block succeeds.
+
+    On any exception (or Ctrl-C) the temporaries are removed and an existing shard at `prefix`
+    is left untouched.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin, tmp_idx = _tmp_paths(prefix)
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    try:
+        yield builder
+        builder.finalize(tmp_idx)
+        _commit(prefix, tmp_bin, tmp_idx)
+    finally:
+        builder.data_file.close()  # no-op after finalize; releases the file on failure
+        for tmp in (tmp_bin, tmp_idx):
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _write_chunk(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Append a chunk, one document per record (each document one sequence)."""
+    ends = np.cumsum(lengths)
+    start = 0
+    for end in ends.tolist():
+        builder.add_document(tokens[start:end], [end - start])
+        start = end
+
+
+def token_dtype(vocab_size: int):
+    """The token dtype megatron-core picks for this vocabulary (uint16 below 65500, else int32)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def _progress(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(desc="preprocess", unit=" docs", unit_scale=True, disable=not enabled, file=sys.stderr,
+                mininterval=1.0)
+
+
+def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: str = "text",
+               workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
+               chunk_docs: int = CHUNK_DOCS, progress: bool = True) -> PreprocessResult:
+    """Tokenize `inputs` into `output_prefix`.bin/.idx; see the module docstring."""
+    from bigllm.tokenizer import Tokenizer
+
+    check_inputs(inputs)
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
+    tok = Tokenizer.load(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    result = PreprocessResult(output_prefix=output_prefix)
+    start = time.perf_counter()
+    docs = iter_corpus(inputs, json_key, skip_bad, result.stats)
+    init_args = (tok.model_path, np.dtype(dtype).name, tok.eod if append_eod else None)
+    encoded = _encode_in_order(_chunks(docs, chunk_docs), workers, init_args)
+    # closing(): on an error the generator exits at once, which terminates the worker pool.
+    with shard_writer(output_prefix, dtype) as builder, contextlib.closing(encoded), _progress(progress) as bar:
+        for tokens, lengths in encoded:
+            _write_chunk(builder, tokens, lengths)
+            result.docs += len(lengths)
+            result.tokens += int(tokens.size)
+            bar.update(len(lengths))
+            bar.set_postfix_str(f"{result.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+        if result.docs == 0:  # an empty shard would only fail later, inside training
+            raise DataError(f"no documents found in {', '.join(inputs)} (skipped {result.stats.empty} empty, "
+                            f"{result.stats.bad} bad); check --input and --json-key")
+    result.seconds = time.perf_counter() - start
+    return result
