@@ -1,12 +1,46 @@
-"""`bigllm preprocess`: not built yet (see the issue tracker)."""
+"""`bigllm preprocess`: tokenize a corpus into megatron-core .bin/.idx shards, or merge shards."""
 
-from bigllm.errors import BigLLMError
-
-
-def _not_yet(args):
-    raise BigLLMError("'bigllm preprocess' is not available in this version yet")
+from bigllm.commands import lazy
 
 
 def register(sub) -> None:
-    p = sub.add_parser("preprocess", help="(not available yet)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser(
+        "preprocess", help="tokenize a corpus into .bin/.idx shards (or merge shards)",
+        description="Tokenize --input files into PREFIX.bin/PREFIX.idx (megatron-core IndexedDataset, one "
+        "document per record, EOD appended). Plain text: one document per blank-line-separated paragraph. "
+        "Or concatenate existing shards with --merge.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH",
+                     help="corpus files: .jsonl, .jsonl.gz, .txt, .txt.gz, .parquet or a datasets.save_to_disk dir")
+    src.add_argument("--merge", nargs="+", metavar="PREFIX", help="merge these shard prefixes, in order")
+    p.add_argument("--output-prefix", required=True, help="write OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (from 'bigllm tokenizer train')")
+    p.add_argument("--json-key", default="text", help="document field of jsonl/parquet/HF inputs (default: text)")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (output is identical for any number)")
+    p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
+                   help="do not append the end-of-document token to each document")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) malformed lines, missing keys and invalid UTF-8 instead of failing")
+    p.add_argument("--chunk-docs", type=int, default=1000, help="documents per worker task")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(handler=lazy("bigllm.commands.preprocess:run"))
+
+
+def run(args) -> int:
+    """Handler of `bigllm preprocess`."""
+    from bigllm.errors import BigLLMError
+
+    if args.merge:
+        from bigllm.data.merge import merge_shards
+
+        result = merge_shards(args.merge, args.output_prefix)
+    else:
+        if not args.tokenizer:
+            raise BigLLMError("--tokenizer DIR is required to preprocess --input files")
+        from bigllm.data.preprocess import preprocess
+
+        result = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
+                            workers=args.workers, append_eod=args.append_eod, skip_bad=args.skip_bad,
+                            chunk_docs=args.chunk_docs, progress=args.progress)
+    print(result.summary())
+    return 0

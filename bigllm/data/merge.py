@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bigllm.data.preprocess import PreprocessResult, shard_writer
+from bigllm.data.preprocess import PreprocessResult, indexed_dataset_module, shard_writer
 from bigllm.errors import DataError
 
 
@@ -24,8 +24,7 @@ def _check_prefix(prefix: str) -> None:
 
 def merge_shards(prefixes: list[str], output_prefix: str) -> PreprocessResult:
     """Write `output_prefix`.bin/.idx holding every document of `prefixes`, in order."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    IndexedDataset = indexed_dataset_module().IndexedDataset
     if not prefixes:
         raise DataError("nothing to merge; pass --merge PREFIX [PREFIX ...]")
     if output_prefix in prefixes:

@@ -143,6 +143,20 @@ def _commit(prefix: str, tmp_bin: str, tmp_idx: str) -> None:
     os.replace(tmp_idx, f"{prefix}.idx")
 
 
+def indexed_dataset_module():
+    """megatron-core's indexed_dataset module, imported without its GPU-library warnings.
+
+    Importing it loads megatron.core (and torch), which warns that Transformer Engine and Apex
+    are missing; irrelevant to writing or reading shards, so hidden here.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex", category=UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 @contextlib.contextmanager
 def shard_writer(prefix: str, dtype):
     """An `IndexedDatasetBuilder` writing to temporary files, committed only if the block succeeds.
@@ -150,8 +164,7 @@ def shard_writer(prefix: str, dtype):
     On any exception (or Ctrl-C) the temporaries are removed and an existing shard at `prefix`
     is left untouched.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = _tmp_paths(prefix)
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
@@ -176,9 +189,7 @@ def _write_chunk(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
 
 def token_dtype(vocab_size: int):
     """The token dtype megatron-core picks for this vocabulary (uint16 below 65500, else int32)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)
+    return indexed_dataset_module().DType.optimal_dtype(vocab_size)
 
 
 def _progress(enabled: bool):
