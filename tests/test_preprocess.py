@@ -1,0 +1,192 @@
+"""`bigllm preprocess`: shards equal direct SentencePiece encoding, all formats, every bad input."""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from bigllm.cli import main
+from bigllm.data.merge import merge_shards
+from bigllm.data.preprocess import indexed_dataset_module, preprocess
+from bigllm.errors import DataError
+
+EOD = 2
+
+
+def read_shard(prefix) -> list[np.ndarray]:
+    ds = indexed_dataset_module().IndexedDataset(str(prefix), mmap=True)
+    assert list(ds.document_indices) == list(range(len(ds) + 1))  # one document per record
+    return [np.array(ds[i]) for i in range(len(ds))]  # copies: the mmap closes with ds
+
+
+def expected(tokenizer_dir, texts, eod=True) -> list[list[int]]:
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+    return [sp.encode(t) + ([EOD] if eod else []) for t in texts]
+
+
+def corpus_texts(corpus_jsonl) -> list[str]:
+    return [json.loads(line)["text"] for line in Path(corpus_jsonl).read_text().splitlines()]
+
+
+def digest(*paths) -> str:
+    return hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths)).hexdigest()
+
+
+def run_cli(*args) -> int:
+    return main(["preprocess", "--no-progress", *map(str, args)])
+
+
+def test_shard_equals_direct_encoding(shard_prefix, corpus_jsonl, tokenizer_dir):
+    docs = read_shard(shard_prefix)
+    want = expected(tokenizer_dir, corpus_texts(corpus_jsonl))
+    assert len(docs) == len(want) > 100
+    assert all(d.tolist() == w for d, w in zip(docs, want))
+    assert docs[0].dtype == np.uint16  # vocab < 65500: megatron's optimal dtype
+
+
+def test_worker_count_does_not_change_bytes(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
+    prefix = tmp_path / "w2"
+    assert run_cli("--input", corpus_jsonl, "--tokenizer", tokenizer_dir, "--output-prefix", prefix,
+                   "--workers", "2", "--chunk-docs", "64") == 0
+    assert digest(f"{prefix}.bin", f"{prefix}.idx") == digest(f"{shard_prefix}.bin", f"{shard_prefix}.idx")
+
+
+def test_formats_gzip_txt_parquet_hf(tmp_path, tokenizer_dir):
+    import datasets
+
+    texts = ["First document.\nWith two lines.", "Second one 🙂", "Third: naïve café"]
+    gz = tmp_path / "c.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": t}) + "\n" for t in texts)
+    txt = tmp_path / "c.txt"  # one document per blank-line-separated paragraph
+    txt.write_text("\n\n\n".join(texts) + "\n \n")
+    ds = datasets.Dataset.from_dict({"body": texts, "n": [1, 2, 3]})
+    ds.to_parquet(str(tmp_path / "c.parquet"))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    for name in ("c.jsonl.gz", "c.txt", "c.parquet", "hf"):
+        prefix = tmp_path / f"out-{name}"
+        preprocess([str(tmp_path / name)], str(tokenizer_dir), str(prefix), json_key="body", progress=False)
+        assert [d.tolist() for d in read_shard(prefix)] == expected(tokenizer_dir, texts), name
+
+
+def test_no_append_eod_and_merge(tmp_path, shard_prefix, tokenizer_dir, corpus_jsonl):
+    src = tmp_path / "small.jsonl"
+    src.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
+    assert run_cli("--input", src, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "a",
+                   "--no-append-eod") == 0
+    assert [d.tolist() for d in read_shard(tmp_path / "a")] == expected(tokenizer_dir, ["alpha beta", "gamma"], eod=False)
+    assert run_cli("--merge", tmp_path / "a", shard_prefix, "--output-prefix", tmp_path / "m") == 0
+    merged = read_shard(tmp_path / "m")
+    parts = read_shard(tmp_path / "a") + read_shard(shard_prefix)
+    assert len(merged) == len(parts) and all((m == p).all() for m, p in zip(merged, parts))
+
+
+def test_merge_errors(tmp_path, shard_prefix):
+    with pytest.raises(DataError, match="incomplete or missing"):
+        merge_shards([shard_prefix, str(tmp_path / "nope")], str(tmp_path / "m"))
+    with pytest.raises(DataError, match="also an input"):
+        merge_shards([shard_prefix], shard_prefix)
+
+
+@pytest.fixture
+def bad_corpus(tmp_path) -> Path:
+    lines = ['{"text": "good one"}', '{"text": "broken', '{"other": "x"}', '{"text": "   "}', "",
+             '{"text": 5}', '{"text": "good two"}']
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_malformed_line_names_file_and_line(bad_corpus, tokenizer_dir, tmp_path, capsys):
+    assert run_cli("--input", bad_corpus, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "o") == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{bad_corpus}:2: malformed JSON" in err and "--skip-bad" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("o.*"))  # no shard, no temporaries
+
+
+def test_missing_key_names_file_line_and_key(tmp_path, tokenizer_dir):
+    src = tmp_path / "k.jsonl"
+    src.write_text('{"text": "ok"}\n{"content": "x"}\n')
+    with pytest.raises(DataError, match=r"k\.jsonl:2: missing key 'text'.*--json-key"):
+        preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), progress=False)
+
+
+def test_skip_bad_and_empty_are_counted(bad_corpus, tokenizer_dir, tmp_path, capsys):
+    assert run_cli("--input", bad_corpus, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "o",
+                   "--skip-bad") == 0
+    assert "2 documents" in capsys.readouterr().out
+    result = preprocess([str(bad_corpus)], str(tokenizer_dir), str(tmp_path / "o2"), skip_bad=True, progress=False)
+    assert (result.docs, result.stats.bad, result.stats.empty) == (2, 3, 1)
+    assert [d.tolist() for d in read_shard(tmp_path / "o2")] == expected(tokenizer_dir, ["good one", "good two"])
+
+
+def test_invalid_utf8_is_an_error_or_skipped(tmp_path, tokenizer_dir):
+    src = tmp_path / "u.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n')
+    with pytest.raises(DataError, match=r"u\.jsonl:2: invalid UTF-8"):
+        preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), progress=False)
+    result = preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), skip_bad=True, progress=False)
+    assert (result.docs, result.stats.bad) == (2, 1)
+
+
+def test_missing_input_and_unknown_extension(tmp_path, tokenizer_dir):
+    with pytest.raises(DataError, match="does not exist.*jsonl"):
+        preprocess([str(tmp_path / "nope.jsonl")], str(tokenizer_dir), str(tmp_path / "o"))
+    odd = tmp_path / "c.csv"
+    odd.write_text("text\nx\n")
+    with pytest.raises(DataError, match=r"unknown extension; supported inputs: \.jsonl, \.jsonl\.gz, \.txt"):
+        preprocess([str(odd)], str(tokenizer_dir), str(tmp_path / "o"))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(DataError, match="not a saved Hugging Face dataset"):
+        preprocess([str(tmp_path / "dir")], str(tokenizer_dir), str(tmp_path / "o"))
+
+
+def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
+    """A run that dies half-way (bad line after the first chunks) leaves the old shard intact."""
+    prefix = tmp_path / "good"
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"good{ext}").write_bytes(Path(shard_prefix + ext).read_bytes())
+    before = digest(f"{prefix}.bin", f"{prefix}.idx")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(Path(corpus_jsonl).read_text() + '{"text": oops}\n')
+    with pytest.raises(DataError, match="malformed JSON"):
+        preprocess([str(broken)], str(tokenizer_dir), str(prefix), workers=2, chunk_docs=50, progress=False)
+    assert digest(f"{prefix}.bin", f"{prefix}.idx") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "good.bin", "good.idx"]
+
+
+def test_killed_run_leaves_no_valid_looking_shard(tmp_path, corpus_jsonl, tokenizer_dir):
+    """SIGKILL mid-run (no cleanup possible): only *.tmp-<pid> files may remain, never PREFIX.bin/.idx."""
+    big = tmp_path / "big.jsonl"
+    big.write_text(Path(corpus_jsonl).read_text() * 2)
+    code = ("import sys, bigllm.data.preprocess as p\n"
+            "orig = p._write_chunk\n"
+            "def slow(*a):\n    orig(*a); print('chunk', flush=True); import time; time.sleep(60)\n"
+            "p._write_chunk = slow\n"
+            f"p.preprocess([{str(big)!r}], {str(tokenizer_dir)!r}, {str(tmp_path / "k")!r}, chunk_docs=10, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "chunk"  # one chunk written to the temporary .bin
+    finally:
+        proc.kill()
+        proc.wait()
+    names = [p.name for p in tmp_path.iterdir()]
+    assert "k.bin" not in names and "k.idx" not in names
+    assert any(n.startswith("k.bin.tmp-") for n in names)
+
+
+def test_subprocess_exit_code_and_one_line_error(tmp_path, tokenizer_dir):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "bigllm", "preprocess", "--input", str(tmp_path / "missing.jsonl"),
+                           "--tokenizer", str(tokenizer_dir), "--output-prefix", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bigllm preprocess: error: input") and "does not exist" in lines[0]
