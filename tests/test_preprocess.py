@@ -170,7 +170,7 @@ def test_killed_run_leaves_no_valid_looking_shard(tmp_path, corpus_jsonl, tokeni
             "orig = p._write_chunk\n"
             "def slow(*a):\n    orig(*a); print('chunk', flush=True); import time; time.sleep(60)\n"
             "p._write_chunk = slow\n"
-            f"p.preprocess([{str(big)!r}], {str(tokenizer_dir)!r}, {str(tmp_path / "k")!r}, chunk_docs=10, progress=False)\n")
+            f"p.preprocess([{str(big)!r}], {str(tokenizer_dir)!r}, {str(tmp_path / 'k')!r}, chunk_docs=10, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "chunk"  # one chunk written to the temporary .bin
