@@ -148,6 +148,13 @@ class TrainConfig:
     # Save and exit with code 3 ("requeue me") after this many steps of this launch (Megatron's
     # --exit-interval); null runs to max_steps. The schedule still follows max_steps.
     exit_interval: Optional[int] = None
+    # On a non-finite loss or a loss spike: "stop" (exit with an error before the bad step is
+    # applied where possible, never saving non-finite weights) or "skip" (drop the bad
+    # micro-batch from the step; pp=1 only).
+    nan_policy: Literal["stop", "skip"] = "stop"
+    # A micro-batch loss above this factor x the running mean of recent losses is a spike;
+    # null disables spike detection (non-finite losses are always caught).
+    loss_spike_factor: Optional[float] = None
     # Wall-clock budget in seconds: save and exit (code 3, "requeue me") before it runs out.
     max_wall_s: Optional[float] = None
 
@@ -182,6 +189,9 @@ class RunConfig:
         if m.num_layers < p.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
                               "pipeline stages; use more layers or fewer stages")
+        if self.train.nan_policy == "skip" and p.pp > 1:
+            raise ConfigError("train.nan_policy=skip needs parallel.pp=1 (DeepSpeed's pipeline engine applies the "
+                              "whole step at once); use train.nan_policy=stop with pipeline parallelism")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
                               f"train.micro_batch_size={self.train.micro_batch_size}")

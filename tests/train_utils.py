@@ -18,14 +18,15 @@ def base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra) -> list[str]:
         "data.tokenizer": str(tokenizer_dir), "data.prefixes": f"[{shard_prefix}]", "train.run_dir": str(run_dir),
         "train.log_interval": 1, "train.eval_interval": 0, "train.save_interval": 0, "train.max_steps": 4,
         "train.tensorboard": "false", "train.eval_iters": 2, "parallel.tp": 1, "parallel.pp": 1,
-        "parallel.zero_stage": 0,
+        "parallel.zero_stage": 0, "data.split": "90,10,0",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
+             env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "bigllm", "train", str(config), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -60,11 +60,16 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
     if accel.device_name() == "cuda":
         accel.set_device(launch.local_rank)
     timeout = timedelta(seconds=parallel.timeout_s)
+    # Groups created without an explicit timeout (DeepSpeed's pipeline topology) take torch's
+    # default; make that default ours so every collective honours parallel.timeout_s.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                timeout=timeout, rank=launch.rank, world_size=launch.world_size)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
-        distributed_timeout_minutes=max(1, int(parallel.timeout_s // 60)), create_gloo_process_groups=False)
+        distributed_timeout_minutes=parallel.timeout_s / 60, create_gloo_process_groups=False)
     # megatron's tracker: a tp-rank-specific stream for dropout inside tensor-parallel regions.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     pp_rank, dp_rank, tp_rank = dims.coords(launch.rank)

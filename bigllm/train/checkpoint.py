@@ -72,15 +72,34 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, run_dir: str | Path, step: int, meta: dict, keep_last: int) -> Path:
+def _assert_finite(engine) -> None:
+    """Refuse (on every rank) to save weights that hold NaN or inf anywhere."""
+    import torch.distributed as dist
+
+    bad = torch.zeros(1)
+    for param in engine.module.parameters():
+        if not torch.isfinite(param.detach()).all():
+            bad += 1
+            break
+    bad = bad.to(next(engine.module.parameters()).device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise CheckpointError("refusing to save a checkpoint: the weights hold NaN or inf values; "
+                              "the previous checkpoint is kept")
+
+
+def save(engine, run_dir: str | Path, step: int, meta: dict, keep_last: int, faults=None) -> Path:
     """Save every rank's shards, then (rank 0) the manifest and `latest`; prune old ones."""
     import torch.distributed as dist
 
+    _assert_finite(engine)
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, **meta.get("client", {})},
                            save_latest=False)
     torch.save(_rng_state(), root / tag / f"rng_rank{dist.get_rank()}.pt")
+    if faults is not None:
+        faults.maybe_kill_in_save(step, dist.get_rank())
     dist.barrier()
     if dist.get_rank() == 0:
         info = {**meta, "step": step, "tag": tag, "world_size": dist.get_world_size(), "versions": _versions()}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config, save_config, to_dict
-from bigllm.errors import ConfigError, DataError
+from bigllm.errors import BigLLMError, ConfigError, DataError
 
 EXIT_REQUEUE = 3
 
@@ -73,9 +73,28 @@ def run(cfg: RunConfig) -> int:
 
     ctx = init_parallel(cfg.parallel, cfg.train.seed)
     try:
-        return Trainer(cfg, ctx).fit()
-    finally:
-        destroy_parallel()
+        code = Trainer(cfg, ctx).fit()
+    except BigLLMError:
+        raise
+    except Exception as exc:  # a dead or hung peer surfaces as a backend error: say so plainly
+        if _is_comm_failure(exc):
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise BigLLMError(f"rank {ctx.rank}: a collective failed ({first}): a peer process died or hung; "
+                              f"collectives wait at most parallel.timeout_s={cfg.parallel.timeout_s:g} s. "
+                              "Check the other ranks' logs, then relaunch: the run resumes from its last "
+                              "checkpoint") from None
+        raise
+    destroy_parallel()  # only after success: tearing down groups with a dead peer can block
+    return code
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    markers = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+               "connection refused", "peer", "socket")
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)
 
 
 class StopFlag:
@@ -96,6 +115,10 @@ class StopFlag:
             if time.monotonic() + 2 * step_time_s + save_time_s > self.deadline:
                 self.reason = "wall-clock budget train.max_wall_s"
         return self.reason is not None
+
+
+class NumericsError(BigLLMError):
+    """A non-finite or spiking loss with train.nan_policy=stop."""
 
 
 class Trainer:
@@ -120,6 +143,11 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.writer = None
         self.log_file = None
+        self.loss_ema = None  # running mean of step losses, for spike detection
+        self.skipped_micro_batches = 0
+        from bigllm.train.faults import Faults
+
+        self.faults = Faults.from_env()
 
     # ----- set-up ---------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -179,8 +207,10 @@ class Trainer:
             self._evaluate(valid_ds)  # the untrained model's perplexity, for comparison
         while self.step < t.max_steps:
             t0 = time.perf_counter()
-            losses.append(self._train_step(stream))
+            self.faults.maybe_hang(self.step + 1, self.ctx.rank)
+            losses.append(self._checked(self._train_step(stream)))
             self.step += 1
+            self.faults.maybe_poison_weights(self.engine.module, self.step, self.ctx.rank)
             self.consumed += t.global_batch_size
             timer.tick()
             step_time = time.perf_counter() - t0
@@ -219,18 +249,62 @@ class Trainer:
         from megatron.core import parallel_state
 
         if self.pipeline:
+            # DeepSpeed runs the whole step; a bad loss is caught after it (see _checked).
             pipe_iter = ((b["tokens"], (b["labels"], b["loss_mask"])) for b in stream)
             return float(self.engine.train_batch(data_iter=pipe_iter))
         total = torch.zeros((), device=self.ctx.device)
-        for _ in range(self.grad_accum):
+        good = torch.zeros((), device=self.ctx.device)
+        for micro in range(self.grad_accum):
             batch = next(stream)
             loss = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            if micro == 0 and self.faults.active("nan_loss", self.step + 1, self.ctx.rank):
+                loss = loss * float("nan")
+            if self._agree_bad(loss):
+                loss = self._handle_bad_micro_batch(loss)
+            else:
+                total += loss.detach()
+                good += 1
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.detach()
-        total /= self.grad_accum
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return float(total) / self.ctx.dims.dp
+        stats = torch.stack([total, good])
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        return float(stats[0] / stats[1].clamp(min=1))
+
+    def _is_bad(self, loss: float) -> bool:
+        spike = self.cfg.train.loss_spike_factor
+        return not math.isfinite(loss) or (spike is not None and self.loss_ema is not None
+                                           and loss > spike * self.loss_ema)
+
+    def _agree_bad(self, loss) -> bool:
+        """True on every rank if any rank's micro-batch loss is non-finite or a spike."""
+        return self._agree_to_stop(self._is_bad(float(loss.detach())))
+
+    def _handle_bad_micro_batch(self, loss):
+        """nan_policy=stop: raise before the bad gradient exists. skip: back-propagate a zero
+        loss instead, so every rank still runs its backward (and gradient reduction)."""
+        if self.cfg.train.nan_policy == "stop":
+            self._raise_numerics(float(loss.detach()))
+        self.skipped_micro_batches += 1
+        self._say(f"warning: step {self.step + 1}: a micro-batch loss is non-finite or spiked; skipped it "
+                  f"(train.nan_policy=skip, {self.skipped_micro_batches} skipped so far)")
+        return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+
+    def _checked(self, loss: float) -> float:
+        """After a step: stop on a bad loss (pipeline path), else update the running mean."""
+        if self._is_bad(loss):
+            self._raise_numerics(loss)
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        return loss
+
+    def _raise_numerics(self, loss: float):
+        from bigllm.train.checkpoint import checkpoint_root
+
+        what = "non-finite" if not math.isfinite(loss) else f"a spike (> {self.cfg.train.loss_spike_factor} x " \
+                                                               f"running mean {self.loss_ema:.4f})"
+        raise NumericsError(f"step {self.step + 1}: loss {loss} is {what}; stopped without saving "
+                            f"(train.nan_policy=stop). Resume from the last good checkpoint in "
+                            f"{checkpoint_root(self.run_dir)}, e.g. with a lower optim.lr, or set "
+                            "train.nan_policy=skip")
 
     def _agree_to_stop(self, local: bool) -> bool:
         import torch
@@ -259,7 +333,8 @@ class Trainer:
                 "layout": {"tp": self.ctx.dims.tp, "pp": self.ctx.dims.pp, "dp": self.ctx.dims.dp,
                            "zero_stage": self.cfg.parallel.zero_stage},
                 "vocab_size": self.vocab_size, "tokenizer_vocab_size": self.tokenizer.vocab_size}
-        path = checkpoint.save(self.engine, self.run_dir, self.step, meta, self.cfg.train.keep_last)
+        path = checkpoint.save(self.engine, self.run_dir, self.step, meta, self.cfg.train.keep_last,
+                               faults=self.faults)
         self._say(f"saved checkpoint {path}")
         return time.perf_counter() - t0
 

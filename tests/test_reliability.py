@@ -1,0 +1,180 @@
+"""Reliability with real processes: crash and exact resume, atomic checkpoints, no silent
+hangs, bad numbers, untrusted checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train_utils import ROOT, TINY, base_overrides, run_ok, torchrun, train_losses
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+def _env(**extra):
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _launch(nproc: int, overrides: list[str], **env) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "bigllm", "train", str(TINY), *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the torchrun workers below a launcher (read from /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher_pid:
+            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+            if b"RANK" in env:
+                out[int(env[b"RANK"])] = int(entry.name)
+    return out
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = run_dir / "train_log.jsonl"
+        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+def _crash_and_resume(nproc, layout: dict, kill_all: bool, tokenizer_dir, shard_prefix, tmp_path):
+    extra = {"train.max_steps": STEPS, "train.save_interval": 1, "model.dropout": 0.1, **layout}
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, ref_dir, **extra))
+    rng = random.Random()
+    kill_step = rng.randint(2, STEPS - 2)
+    proc = _launch(nproc, base_overrides(tokenizer_dir, shard_prefix, crash_dir, **extra))
+    _wait_for_step(crash_dir, kill_step, proc)
+    workers = _workers(proc.pid)
+    victims = list(workers.values()) if kill_all else [workers[rng.randrange(nproc)]]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the launcher must report the crash"
+    second = run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, crash_dir, **extra))
+    assert "resumed from" in second.stdout
+    ref, got = train_losses(ref_dir), train_losses(crash_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    assert got == ref, f"killed at step {kill_step}: {got} != {ref}"  # exact: same RNG, data, layout
+
+
+def test_kill_one_rank_of_tp2xpp2_then_resume_exactly(tokenizer_dir, shard_prefix, tmp_path):
+    _crash_and_resume(4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}, False,
+                      tokenizer_dir, shard_prefix, tmp_path)
+
+
+def test_kill_all_ranks_of_dp2_zero2_then_resume_exactly(tokenizer_dir, shard_prefix, tmp_path):
+    _crash_and_resume(2, {"parallel.zero_stage": 2}, True, tokenizer_dir, shard_prefix, tmp_path)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tokenizer_dir, shard_prefix, tmp_path):
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": STEPS, "train.save_interval": 2, "parallel.zero_stage": 1})
+    first = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "kill_in_save@4"})
+    assert first.returncode != 0
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_0000002"
+    assert (root / "step_0000004").is_dir() and not (root / "step_0000004" / "meta.json").exists()
+    second = run_ok(2, overrides)
+    assert "resumed from" in second.stdout and "step_0000002" in second.stdout
+    assert (root / "latest").read_text() == f"step_{STEPS:07d}"
+
+
+def test_truncated_checkpoint_falls_back_with_warning(tokenizer_dir, shard_prefix, tmp_path):
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 4, "train.save_interval": 2, "train.keep_last": 3})
+    run_ok(1, overrides)
+    newest = tmp_path / "checkpoints" / "step_0000004"
+    victim = next(p for p in sorted(newest.iterdir()) if p.name.endswith("model_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    more = overrides + ["train.max_steps=5"]
+    proc = run_ok(1, more)
+    assert "is incomplete" in proc.stdout and "trying an earlier checkpoint" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_0000002" in proc.stdout
+
+
+def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": STEPS, "parallel.timeout_s": 15})
+    t0 = time.time()
+    proc = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "hang@3:1"}, timeout=240)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "a peer process died or hung" in proc.stderr and "parallel.timeout_s=15" in proc.stderr
+    assert elapsed < 15 + 120, elapsed
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss_policy(policy, tokenizer_dir, shard_prefix, tmp_path):
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 4, "train.save_interval": 2, "train.nan_policy": policy, "parallel.zero_stage": 1})
+    proc = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "nan_loss@3:1"})
+    root = tmp_path / "checkpoints"
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert "step 3: loss nan is non-finite; stopped without saving" in proc.stderr
+        assert (root / "latest").read_text() == "step_0000002"
+        assert not (root / "step_0000003").exists() and not (root / "step_0000004").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "skipped it (train.nan_policy=skip, 1 skipped so far)" in proc.stdout
+        assert (root / "latest").read_text() == "step_0000004"
+        assert all(v == v for v in train_losses(tmp_path).values())  # no NaN logged
+
+
+def test_nan_weights_are_never_saved(tokenizer_dir, shard_prefix, tmp_path):
+    """Pipeline run whose stage-1 weights turn NaN after step 2: the step-2 save is refused."""
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 4, "train.save_interval": 1, "parallel.pp": 2, "parallel.zero_stage": 1})
+    proc = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "nan_weights@2:1"})
+    assert proc.returncode != 0
+    assert "refusing to save a checkpoint: the weights hold NaN or inf values" in proc.stderr, proc.stderr[-2500:]
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_0000001"
+    assert not (root / "step_0000002").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_malicious_pickle_in_checkpoint_is_refused(tokenizer_dir, shard_prefix, tmp_path):
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path / "run", **{"train.max_steps": 2})
+    run_ok(1, overrides)
+    tag = tmp_path / "run" / "checkpoints" / "step_0000002"
+    target = tag / "mp_rank_00_model_states.pt"
+    _Payload.marker = tmp_path / "pwned"
+    target.write_bytes(pickle.dumps({"module": _Payload()}))
+    meta = json.loads((tag / "meta.json").read_text())
+    meta["manifest"][target.name] = target.stat().st_size  # a forger would fix the manifest too
+    (tag / "meta.json").write_text(json.dumps(meta))
+    proc = torchrun(1, overrides + ["train.max_steps=3"])
+    assert proc.returncode != 0
+    assert "refusing to load" in proc.stderr and "weights_only=True" in proc.stderr
+    assert not _Payload.marker.exists(), "the pickle's payload ran"
