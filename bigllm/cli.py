@@ -20,10 +20,17 @@ from bigllm.errors import BigLLMError
 COMMANDS = ("tokenizer", "preprocess", "train", "evaluate", "generate", "convert", "slurm")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where help is (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bigllm", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="bigllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"bigllm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name in COMMANDS:
         module = importlib.import_module(f"bigllm.commands.{name}")
         module.register(sub)
