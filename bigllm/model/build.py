@@ -36,10 +36,12 @@ class CausalLM(torch.nn.Module):
         self.final_norm = FinalNorm(tcfg)
         self.head = None if cfg.tie_embeddings else Head(tcfg, vocab_size, seeds["head"])
 
-    def forward(self, tokens, labels=None, loss_mask=None):
+    def forward(self, tokens, labels=None, loss_mask=None, *, rotary_pos_emb=None, attention_mask=None,
+                inference_context=None):
+        """The keyword arguments are for inference (see `Block.forward`); training leaves them None."""
         hidden = self.embedding(tokens)
         for block in self.blocks:
-            hidden = block(hidden)
+            hidden = block(hidden, rotary_pos_emb, attention_mask, inference_context)
         hidden = self.final_norm(hidden)
         logits = tied_logits(self.embedding, hidden) if self.head is None else self.head(hidden)
         if labels is None:

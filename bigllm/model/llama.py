@@ -115,19 +115,30 @@ class Block(torch.nn.Module):
                                     rotary_base=int(rope_theta), use_cpu_initialization=True)
         self.recompute = recompute
 
-    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
+                 inference_context=None) -> torch.Tensor:
         s = hidden.size(0)
-        rotary = self.rope(s).to(hidden.device)  # [s, 1, 1, head_dim]
-        # True above the diagonal = masked; given explicitly so no CUDA-only default is built.
-        mask = torch.ones(s, s, dtype=torch.bool, device=hidden.device).triu_(1)[None, None]
-        out, _ = self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)
+        if rotary_pos_emb is None:
+            rotary_pos_emb = self.rope(s).to(hidden.device)  # [s, 1, 1, head_dim]
+        if attention_mask is None:
+            # True above the diagonal = masked; given explicitly so no CUDA-only default is built.
+            attention_mask = torch.ones(s, s, dtype=torch.bool, device=hidden.device).triu_(1)[None, None]
+        out, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                            inference_context=inference_context)
         return out
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
+                inference_context=None) -> torch.Tensor:
+        """hidden [s, b, h] -> [s, b, h]. Training passes hidden only (positions 0..s-1, causal).
+
+        Inference may pass RoPE angles per row, rotary_pos_emb [S, b, 1, head_dim] (indexed by
+        cache slot, so left-padded rows keep their own positions), a boolean attention_mask
+        [b, 1, sq, sk] (True = masked) and megatron's StaticInferenceContext for the KV cache.
+        """
         if self.recompute and self.training:
             # megatron's checkpoint restores the RNG streams, so dropout replays identically.
             return tensor_parallel.checkpoint(self._forward, False, hidden)
-        return self._forward(hidden)
+        return self._forward(hidden, rotary_pos_emb, attention_mask, inference_context)
 
 
 class FinalNorm(torch.nn.Module):
