@@ -220,18 +220,18 @@ def to_hf(checkpoint: str, output: str, tokenizer: str | None = None) -> Path:
 
 def from_hf(input_dir: str, output: str, tp: int = 1, pp: int = 1, tokenizer: str | None = None) -> Path:
     """Import HF Llama weights as a bigllm run dir with a step-0 checkpoint in layout tp x pp."""
+    src = Path(input_dir)
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"'{src}' has no config.json: not a Hugging Face model directory")
+    model = model_config_from_hf(json.loads((src / "config.json").read_text()))  # refuse before heavy imports
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"'{src}' has no *.safetensors weights (save with safe_serialization=True)")
     from safetensors.torch import load_file
 
     from bigllm.convert.native import write_run
     from bigllm.model.llama import padded_vocab_size
 
-    src = Path(input_dir)
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"'{src}' has no config.json: not a Hugging Face model directory")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"'{src}' has no *.safetensors weights (save with safe_serialization=True)")
-    model = model_config_from_hf(json.loads((src / "config.json").read_text()))
     hf = {}
     for f in files:
         hf.update(load_file(str(f)))

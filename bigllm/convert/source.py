@@ -112,7 +112,12 @@ def _file(src: Source, name: str) -> Path:
 def load_weights_only(path: Path) -> dict:
     """A torch file as tensors only (memory-mapped: tensors are read when used)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # files in the legacy (non-zip) format cannot be mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding arbitrary objects
         raise CheckpointError(f"cannot read {path} as a weights-only file: {str(exc).splitlines()[0]}") from exc
 
