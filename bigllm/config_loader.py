@@ -140,6 +140,14 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return cfg
 
 
+def from_dict(cls: type, data: dict):
+    """Build and validate `cls` from plain data (e.g. the config saved in a checkpoint's meta.json)."""
+    cfg = _build(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
 def to_dict(cfg) -> dict:
     """The config tree as plain data (what `save_config` writes)."""
     return dataclasses.asdict(cfg)

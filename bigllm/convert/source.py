@@ -51,9 +51,9 @@ class Source:
 
 def run_config_from_dict(data: dict) -> RunConfig:
     """The RunConfig saved in a checkpoint's meta.json (strictly checked)."""
-    from bigllm.config_loader import _build
+    from bigllm.config_loader import from_dict
 
-    return _build(RunConfig, data)
+    return from_dict(RunConfig, data)
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
