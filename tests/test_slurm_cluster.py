@@ -3,8 +3,8 @@
 Jobs are submitted with `bigllm slurm submit`, so the whole path is exercised: strict config
 load, rendering, sbatch, srun, rank resolution (bigllm.slurm.env) and a real gloo all_reduce
 across two (fake) nodes, plus the requeue contract: SIGUSR1 -> checkpoint -> exit 3 -> requeue ->
-resume -> exit 0. The training command is a parameter: a small stand-in until the training loop
-lands, then `bigllm train configs/tiny.yaml` (TRAIN_COMMAND = None and a real config).
+resume -> exit 0, first with a small stand-in (fast, isolates the SLURM mechanics), then with the
+real `bigllm train` on the tiny config (one node and two nodes; pre-emption with exact resume).
 Needs root (the daemons run as root) and slurm installed or apt-get to install it.
 """
 
@@ -189,3 +189,56 @@ def test_usr1_checkpoint_exit3_requeue_resume(job, slurm_env):
         assert (run_dir / f"restarts-{rank}.txt").read_text() == "0\n1\n"
     assert "got SIGUSR1; forwarding it" in log and f"requeued job {jid} (restart 1)" in log
     assert "training finished" in log
+
+
+# ----- the real training loop through the template ---------------------------------------------
+
+def submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, nodes, procs, wait, **extra):
+    from train_utils import TINY, base_overrides
+
+    overrides = base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra)
+    cmd = [sys.executable, "-m", "bigllm", "slurm", "submit", str(TINY), *overrides, "--nodes", str(nodes),
+           "--gpus-per-node", "0", "--procs-per-node", str(procs), "--time", "10", "--signal-lead", "30"]
+    return run(cmd + (["--wait"] if wait else []), slurm_env, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("nodes,procs,layout", [(1, 2, {}), (2, 1, {"parallel.tp": 2})],
+                         ids=["dp2-one-node", "tp2-two-nodes"])
+def test_real_training_job_completes(nodes, procs, layout, slurm_env, tokenizer_dir, shard_prefix, tmp_path):
+    run_dir = tmp_path / "run"
+    out = submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, nodes, procs, wait=True,
+                          **{"train.max_steps": 3, **layout})
+    assert out.returncode == 0, f"{out.stderr}\n{log_text(run_dir)}"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert (run_dir / "checkpoints" / "step_0000003" / "meta.json").is_file()
+
+
+def test_real_preemption_resumes_with_the_same_losses(slurm_env, tokenizer_dir, shard_prefix, tmp_path):
+    """SIGUSR1 mid-run -> checkpoint, exit 3 -> requeue -> resume -> same losses as uninterrupted."""
+    from train_utils import base_overrides, run_ok, train_losses
+
+    steps, extra = 30, {"train.max_steps": 30, "parallel.zero_stage": 1}
+    reference = tmp_path / "reference"
+    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, reference, **extra))
+    run_dir = tmp_path / "run"
+    jid = job_id(submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, 2, 1, wait=False, **extra))
+
+    def reached_step_3():
+        log = run_dir / "train_log.jsonl"
+        return log.exists() and any(json.loads(l)["step"] >= 3 for l in log.read_text().splitlines() if l)
+
+    wait_until(reached_step_3, 120, "training to reach step 3")
+    run(["scancel", "--signal=USR1", "--batch", jid], slurm_env)
+    wait_until(lambda: show_job(slurm_env, jid).get("Restarts") == "1", 90, "the job to be requeued")
+    run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], slurm_env, check=False)
+    wait_until(lambda: (run_dir / "status.json").exists()
+               and json.loads((run_dir / "status.json").read_text())["state"] == "finished", 180,
+               "the requeued job to finish training")
+    log = log_text(run_dir)
+    assert "resumed from" in log and "exit code 3" in log, log[-3000:]
+    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
+    assert 3 <= stopped < steps
+    got, ref = train_losses(run_dir), train_losses(reference)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == ref, "the resumed run must follow the uninterrupted loss trajectory exactly"

@@ -8,6 +8,7 @@ checkpoint must continue with the uninterrupted run's losses.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,9 @@ def _assert_same(losses: dict, reference: dict, atol: float = ATOL):
 
 def test_loss_falls_and_matches_golden(reference):
     assert reference[STEPS] < reference[1] - 0.05
-    if not GOLDEN.exists():
-        pytest.skip(f"no golden file {GOLDEN}")
+    if os.environ.get("BIGLLM_UPDATE_GOLDEN") == "1":  # after a deliberate numerical change
+        GOLDEN.write_text(json.dumps({str(k): v for k, v in reference.items()}, indent=1) + "\n")
+    assert GOLDEN.exists(), f"no golden file {GOLDEN}; create it with BIGLLM_UPDATE_GOLDEN=1"
     golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
     # Same data and init on every machine; 1e-4 leaves room for BLAS differences across CPUs.
     _assert_same(reference, golden, atol=1e-4)
