@@ -1,12 +1,20 @@
-"""`bigllm generate`: not built yet (see the issue tracker)."""
+"""`bigllm generate`: continue prompts with a checkpoint (argparse only; the handler is lazy)."""
 
-from bigllm.errors import BigLLMError
-
-
-def _not_yet(args):
-    raise BigLLMError("'bigllm generate' is not available in this version yet")
+from bigllm.commands import lazy
+from bigllm.commands.evaluate import add_generation_args, add_model_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="(not available yet)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser(
+        "generate", help="generate text from prompts (batched, KV cache, greedy or sampling)",
+        description="Continue --prompt TEXT (repeatable) or every prompt of --input prompts.jsonl. "
+        "Greedy at --temperature 0 (default), else sampling with --top-k / --top-p and --seed. Each "
+        "sequence stops at EOS or after --max-new-tokens.")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    src.add_argument("--input", metavar="PROMPTS.jsonl", help="one JSON object per line with a prompt")
+    add_generation_args(p)
+    p.add_argument("--output", metavar="OUT.jsonl", help="write {..., prompt, generation} lines here "
+                   "(default: print prompt + generation)")
+    p.set_defaults(handler=lazy("bigllm.evaluate.cli:generate_main"))

@@ -1,0 +1,13 @@
+"""Offline evaluation of bigllm checkpoints (and Hugging Face Llama directories).
+
+    lm = load_lm("runs/tiny")                                 # native run dir, tag dir, or HF dir
+    report = perplexity(lm, documents, seq_len=128, stride=64)
+    texts = generate_texts(lm, ["Once upon a time"], GenerationConfig(max_new_tokens=32))
+    report = bleu_eval(lm, pairs, GenerationConfig(max_new_tokens=32))
+
+Modules: `loading` (checkpoint -> model + tokenizer, via bigllm.convert), `perplexity`
+(sliding-window NLL), `generate` (batched decoding with megatron's KV cache), `attention`
+(torch SDPA as the inference core attention), `bleu` (sacrebleu corpus BLEU/chrF), `plot`
+(loss/lr curves), `quickstart` (the quickstart's evaluation step and task corpus), `cli`
+(handlers of `bigllm evaluate` / `bigllm generate`; bigllm/commands stays argparse-only).
+"""

@@ -1,0 +1,149 @@
+"""Handlers of `bigllm evaluate perplexity|bleu` and `bigllm generate` (argparse lives in
+bigllm/commands/; these import torch and megatron only when a command runs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from bigllm.errors import BigLLMError, DataError
+
+
+def _say(message: str) -> None:
+    print(f"[bigllm] {message}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n", encoding="utf-8")
+        _say(f"report written to {path}")
+    print(text)
+
+
+def _gen_config(args):
+    from bigllm.evaluate.generate import GenerationConfig
+
+    if args.max_new_tokens <= 0:
+        raise DataError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise DataError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
+                            batch_size=args.batch_size,
+                            stop=args.stop.encode().decode("unicode_escape") if args.stop else None)
+
+
+# ----- perplexity ---------------------------------------------------------------------------
+def _tensorboard(lm, result) -> str:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bigllm.evaluate.loading import run_dir_of
+
+    run_dir = run_dir_of(lm.info["checkpoint"]) if lm.info["format"] == "bigllm" else None
+    if run_dir is None:
+        raise BigLLMError("--tensorboard needs a native checkpoint inside RUN_DIR/checkpoints "
+                          "(the scalars go to RUN_DIR/tensorboard)")
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    step = lm.info.get("step") or 0
+    for key, value in (("eval/ppl", result.perplexity), ("eval/loss", result.loss),
+                       ("eval/bits_per_byte", result.bits_per_byte)):
+        writer.add_scalar(key, value, step)
+    writer.close()
+    return str(run_dir / "tensorboard")
+
+
+def perplexity_main(args) -> int:
+    from bigllm.evaluate.loading import load_lm
+    from bigllm.evaluate.perplexity import load_stream, perplexity
+
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    stream = load_stream(args.data, lm.tokenizer, args.json_key)
+    seq_len = args.seq_len or lm.max_positions
+    stride = args.stride or max(1, seq_len // 2)
+    _say(f"{stream.num_documents} documents, {len(stream.tokens)} tokens; windows of {seq_len} every {stride}")
+    t0 = time.perf_counter()
+    result = perplexity(lm, stream, seq_len, stride, args.batch_size, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    report = {"task": "perplexity", "loss": result.loss, "perplexity": result.perplexity,
+              "bits_per_byte": result.bits_per_byte, "tokens": result.tokens, "nll_sum": result.nll_sum,
+              "windows": result.windows, "seq_len": seq_len, "stride": stride,
+              "method": "concatenated documents, EOD-separated, sliding window (HF perplexity guide)",
+              "data": {"paths": [str(Path(p).resolve()) for p in args.data], "documents": stream.num_documents,
+                       "stream_tokens": len(stream.tokens), "utf8_bytes": stream.num_bytes,
+                       "json_key": args.json_key},
+              "checkpoint": lm.info, "seconds": seconds,
+              "tokens_per_s": result.tokens / seconds if seconds > 0 else None}
+    if args.tensorboard:
+        report["tensorboard"] = _tensorboard(lm, result)
+    _say(f"loss {result.loss:.4f} | ppl {result.perplexity:.3f} | bits/byte {result.bits_per_byte:.4f} | "
+         f"{result.tokens} tokens")
+    _write_json(args.output, report)
+    return 0
+
+
+# ----- generation ---------------------------------------------------------------------------
+def _read_prompts(args) -> list[dict]:
+    if args.prompt is not None:
+        return [{"prompt": p} for p in args.prompt]
+    path = Path(args.input)
+    if not path.is_file():
+        raise DataError(f"--input '{path}' does not exist")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get(args.prompt_key), str):
+            raise DataError(f"{path}:{n}: no string under '{args.prompt_key}'; set --prompt-key")
+        records.append({**obj, "prompt": obj[args.prompt_key]})
+    if not records:
+        raise DataError(f"--input {path} holds no prompts")
+    return records
+
+
+def generate_main(args) -> int:
+    from bigllm.evaluate.generate import generate_texts
+    from bigllm.evaluate.loading import load_lm
+
+    records = _read_prompts(args)
+    cfg = _gen_config(args)
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    t0 = time.perf_counter()
+    texts = generate_texts(lm, [r["prompt"] for r in records], cfg, progress=len(records) > cfg.batch_size)
+    _say(f"generated {len(texts)} continuations in {time.perf_counter() - t0:.1f} s")
+    lines = [json.dumps({**r, "generation": t}, ensure_ascii=False) for r, t in zip(records, texts)]
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        _say(f"written to {args.output}")
+    else:
+        for r, t in zip(records, texts):
+            print(r["prompt"] + t if args.prompt is not None else json.dumps({**r, "generation": t}))
+    return 0
+
+
+# ----- BLEU ---------------------------------------------------------------------------------
+def bleu_main(args) -> int:
+    from bigllm.evaluate.bleu import bleu_eval, read_pairs, write_hypotheses
+    from bigllm.evaluate.loading import load_lm
+
+    pairs = read_pairs(args.data, args.prompt_key, args.reference_key)
+    cfg = _gen_config(args)
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    scores, hyps = bleu_eval(lm, pairs, cfg, progress=not args.quiet)
+    report = {"task": "bleu", **scores, "pairs": len(pairs),
+              "references_per_prompt": max(len(p.references) for p in pairs),
+              "generation": vars(cfg), "data": str(Path(args.data).resolve()), "checkpoint": lm.info}
+    if args.output:
+        txt, jsonl = write_hypotheses(Path(args.output), pairs, hyps)
+        report["hypotheses"] = {"txt": str(txt), "jsonl": str(jsonl)}
+    _say(f"{scores['bleu_str']} | {scores['chrf_str']}")
+    _write_json(args.output, report)
+    return 0

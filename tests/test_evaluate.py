@@ -1,0 +1,179 @@
+"""`bigllm evaluate perplexity`: the sliding windows, agreement with Hugging Face transformers,
+the CLI report, TensorBoard scalars and one-line errors.
+
+One tiny checkpoint is trained per test session (TP=2 x PP=2, 4 gloo processes, a few steps) by
+`tiny_run`; test_generate.py and test_bleu.py reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_utils import base_overrides, run_ok
+
+pytestmark = pytest.mark.slow
+REL_TOL = 1e-4
+
+
+# ----- shared data + checkpoint (built once per session, reused by the other eval modules) ------
+def _build_data(base: Path) -> tuple[Path, Path, Path]:
+    """Task-like corpus -> tokenizer -> .bin/.idx shard; held-out jsonl."""
+    from bigllm.data.preprocess import preprocess
+    from bigllm.evaluate.quickstart import task_documents
+    from bigllm.tokenizer import train_tokenizer
+
+    docs = task_documents(400, seed=0) + [
+        "The assert statement checks a condition. Python raises AssertionError when it fails.\n" * 3] * 50
+    corpus, heldout = base / "corpus.jsonl", base / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    heldout.write_text("".join(json.dumps({"text": d}) + "\n" for d in task_documents(6, seed=9)))
+    train_tokenizer([str(corpus)], base / "tok", vocab_size=320, num_threads=1)
+    preprocess([str(corpus)], str(base / "tok"), str(base / "data" / "corpus"), workers=1, progress=False)
+    preprocess([str(heldout)], str(base / "tok"), str(base / "data" / "heldout"), workers=1, progress=False)
+    return base / "tok", base / "data" / "corpus", heldout
+
+
+def tiny_run(tmp_path_factory) -> dict:
+    """{'run', 'tok', 'prefix', 'heldout', 'heldout_prefix'}: a TP2xPP2 checkpoint of the tiny config, 12 steps."""
+    base = tmp_path_factory.getbasetemp() / "eval_tiny"
+    done = base / "DONE"
+    if not done.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        tok, prefix, heldout = _build_data(base)
+        run_ok(4, base_overrides(tok, prefix, base / "run", **{
+            "train.max_steps": 12, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1,
+            "train.log_interval": 4, "train.tensorboard": "true", "data.split": "90,10,0"}))
+        done.write_text("ok")
+    return {"run": base / "run", "tok": base / "tok", "prefix": base / "data" / "corpus",
+            "heldout": base / "heldout.jsonl", "heldout_prefix": base / "data" / "heldout"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    from bigllm.evaluate.loading import load_lm
+
+    return load_lm(tiny["run"])
+
+
+# ----- windows ------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,seq_len,stride", [(10, 4, 2), (11, 4, 4), (9, 5, 1), (3, 8, 4)])
+def test_windows_score_every_token_once(n, seq_len, stride):
+    from bigllm.evaluate.perplexity import windows
+
+    spans = windows(n, seq_len, stride)
+    scored = [t for w in spans for t in range(w.first_scored, w.end)]
+    # every position once, in order, but those no window can predict: the stream's first token,
+    # and with disjoint windows (stride == seq_len) the first token of every window, as in the guide
+    starts = {w.begin for w in spans} if stride == seq_len else {0}
+    assert scored == [t for t in range(n) if t not in starts]
+    assert all(w.end - w.begin <= seq_len and w.first_scored > w.begin for w in spans)
+    # the guide's rule: each window scores its last (end - prev_end) tokens
+    for prev, w in zip(spans, spans[1:]):
+        assert w.first_scored == max(prev.end, w.begin + 1)
+
+
+def test_window_batch_masks_targets():
+    from bigllm.evaluate.perplexity import Window, window_batch
+
+    tokens = torch.arange(100, 110)
+    inputs, targets, mask = window_batch(tokens, [Window(0, 4, 1), Window(2, 6, 4), Window(8, 10, 9)], pad_id=3)
+    assert inputs[1].tolist() == [102, 103, 104, 105]
+    assert targets[1, :3].tolist() == [103, 104, 105]
+    assert targets[1][mask[1]].tolist() == [104, 105]
+    assert targets[0][mask[0]].tolist() == [101, 102, 103]
+    assert targets[2][mask[2]].tolist() == [109] and inputs[2, 2:].tolist() == [3, 3]
+
+
+# ----- agreement ----------------------------------------------------------------------------
+def _transformers_nll(model_dir: Path, tokens: torch.Tensor, seq_len: int, stride: int) -> tuple[float, int]:
+    """The guide's loop in transformers itself: labels -100 where a window does not score."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(tokens), stride):
+            end = min(begin + seq_len, len(tokens))
+            ids = tokens[begin:end][None]
+            labels = ids.clone()
+            labels[:, :-(end - prev_end)] = -100
+            n = int((labels[:, 1:] != -100).sum())  # targets after transformers' internal shift
+            nll += float(model(ids, labels=labels).loss) * n
+            count += n
+            prev_end = end
+            if end == len(tokens):
+                break
+    return nll, count
+
+
+def _export_hf(run_dir: Path, out: Path) -> Path:
+    """`bigllm convert to-hf` (the convert package's Python API)."""
+    from bigllm.convert.hf import to_hf
+
+    return to_hf(str(run_dir), str(out))
+
+
+def test_native_hf_export_and_transformers_agree(lm, tiny, tmp_path):
+    from bigllm.evaluate.loading import load_lm
+    from bigllm.evaluate.perplexity import load_stream, perplexity
+
+    stream = load_stream([str(tiny["heldout"])], lm.tokenizer)
+    seq_len, stride = 64, 32
+    native = perplexity(lm, stream, seq_len, stride, batch_size=4, progress=False)
+    hf_dir = _export_hf(tiny["run"], tmp_path / "hf")
+    exported = perplexity(load_lm(hf_dir), stream, seq_len, stride, batch_size=3, progress=False)
+    nll, count = _transformers_nll(hf_dir, stream.tokens, seq_len, stride)
+    assert native.tokens == exported.tokens == count == len(stream.tokens) - 1
+    assert exported.loss == pytest.approx(native.loss, rel=REL_TOL)
+    assert nll / count == pytest.approx(native.loss, rel=REL_TOL)
+    assert native.bits_per_byte == pytest.approx(native.nll_sum / (math.log(2) * stream.num_bytes))
+
+
+# ----- CLI ----------------------------------------------------------------------------------
+def test_cli_report_and_tensorboard(tiny, tmp_path):
+    from bigllm.cli import main
+
+    report = tmp_path / "ppl.json"
+    assert main(["evaluate", "perplexity", "--checkpoint", str(tiny["run"]), "--data", str(tiny["heldout_prefix"]),
+                 str(tiny["heldout"]), "--seq-len", "48", "--stride", "48", "--batch-size", "16",
+                 "--output", str(report), "--tensorboard", "--quiet"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["checkpoint"]["step"] == 12 and rep["checkpoint"]["layout"]["tp"] == 2
+    assert rep["checkpoint"]["tokenizer"] == str(Path(tiny["tok"]).resolve())
+    assert rep["seq_len"] == 48 and rep["stride"] == 48
+    assert rep["tokens"] == rep["data"]["stream_tokens"] - rep["windows"]  # disjoint windows
+    assert rep["perplexity"] == pytest.approx(math.exp(rep["loss"]))
+    assert rep["bits_per_byte"] == pytest.approx(rep["nll_sum"] / (math.log(2) * rep["data"]["utf8_bytes"]))
+    assert 1.0 < rep["perplexity"] < 320  # trained a little: better than uniform over the vocabulary
+    events = list((tiny["run"] / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--checkpoint", "/no/such/ckpt", "--data", "x.jsonl"], "does not exist"),
+    (["--checkpoint", "{tmp}", "--data", "x.jsonl"], "neither a bigllm checkpoint"),
+    (["--checkpoint", "{run}", "--data", "/no/such/data"], "neither a file nor a .bin/.idx prefix"),
+    (["--checkpoint", "{run}", "--data", "{bad}"], "malformed JSON"),
+    (["--checkpoint", "{run}", "--data", "{csv}"], "unknown extension"),
+])
+def test_bad_input_is_one_line(args, needle, tiny, tmp_path, capsys):
+    from bigllm.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n")
+    args = [a.format(tmp=tmp_path, run=tiny["run"], bad=bad, csv=csv) for a in args]
+    assert main(["evaluate", "perplexity", *args, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
