@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import base_overrides, run_ok, torchrun, train_losses
+from train_utils import base_overrides, deepspeed_launch, run_ok, torchrun, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -76,4 +76,11 @@ def test_resume_continues_the_uninterrupted_run(reference, tokenizer_dir, shard_
     assert "resumed from" in second.stdout
     assert json.loads((tmp_path / "status.json").read_text()) == {
         "state": "finished", "step": STEPS, "reason": f"reached train.max_steps={STEPS}"}
+    _assert_same(train_losses(tmp_path), reference)
+
+
+def test_deepspeed_launcher_tp2_matches_single_process(reference, tokenizer_dir, shard_prefix, tmp_path):
+    proc = deepspeed_launch(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": STEPS, "parallel.tp": 2}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(train_losses(tmp_path), reference)

@@ -32,6 +32,23 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_launch(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """The deepspeed launcher (`deepspeed --module bigllm train ...`) on this host."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [sys.executable, str(launcher), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--no_local_rank",
+           "--module", "bigllm", "train", str(TINY), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def run_ok(nproc: int, overrides: list[str], **kw) -> subprocess.CompletedProcess:
     proc = torchrun(nproc, overrides, **kw)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

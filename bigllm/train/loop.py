@@ -233,8 +233,8 @@ class Trainer:
         self._evaluate(valid_ds)
         self._save()
         self._write_status("finished", f"reached train.max_steps={t.max_steps}")
-        self._say(f"done: checkpoints in {self.run_dir / 'checkpoints'}, TensorBoard logs in "
-                  f"{self.run_dir / 'tensorboard'}")
+        where = f", TensorBoard logs in {self.run_dir / 'tensorboard'}" if self.writer or t.tensorboard else ""
+        self._say(f"done: checkpoints in {self.run_dir / 'checkpoints'}{where}")
         return 0
 
     def _to_device(self, batches):
