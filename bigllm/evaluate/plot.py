@@ -51,7 +51,7 @@ def plot_training(run_dir: str | Path, output: str | Path) -> Path:
         ax_ppl.set_ylabel("validation perplexity")
         ax_ppl.legend(loc="upper center")
     ax_loss.legend(loc="upper right")
-    ax_loss.set_title(f"bigllm run {Path(run_dir).name}")
+    ax_loss.set_title(f"bigllm training: {run_dir}")
     if "train/lr" in series:
         ax_lr.plot(*zip(*series["train/lr"]), color="tab:green")
     ax_lr.set_ylabel("learning rate")

@@ -10,9 +10,9 @@ and, after training,
     evaluate_quickstart(run_dir, work)   # bigllm evaluate perplexity + bleu, curves.png
 
 The task: lines of 8 items of a cyclic sequence (weekdays, months, letters, counting 1-99), e.g.
-"months: march april may june july august september october". Given the first 3 items, the rest
+"months: march april may june july august september october." Given the first 3 items, the rest
 of the line is determined by the last item and the fixed line length, so a 4-layer model picks
-it up within the quickstart's 200 steps; BLEU of greedy continuations (cut at the line end) of
+it up within the quickstart's 200 steps; BLEU of greedy continuations (cut at the full stop) of
 held-out prompts then shows that generation works end to end.
 """
 
@@ -41,7 +41,9 @@ def task_line(rng: random.Random) -> str:
     name = rng.choice(sorted(SEQUENCES))
     items = SEQUENCES[name]
     start = rng.randrange(len(items))
-    return f"{name}: " + " ".join(items[(start + i) % len(items)] for i in range(ITEMS_PER_LINE))
+    # The full stop ends the line: SentencePiece folds line breaks into spaces, so a newline
+    # could not tell the model (or --stop) where a sequence ends.
+    return f"{name}: " + " ".join(items[(start + i) % len(items)] for i in range(ITEMS_PER_LINE)) + "."
 
 
 def task_documents(n: int, seed: int = 0) -> list[str]:
@@ -52,12 +54,12 @@ def task_documents(n: int, seed: int = 0) -> list[str]:
 
 def task_pairs(n: int, seed: int = 1, prompt_items: int = 3) -> list[dict]:
     """Prompt ('months: march april may') / reference ('june july august september october') pairs:
-    the reference is the rest of the line (greedy generation with --stop '\\n' should give it)."""
+    the reference is the rest of the line (greedy generation with --stop '.' should give it)."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
         line = task_line(rng)
-        name, items = line.split(": ")
+        name, items = line.rstrip(".").split(": ")
         words = items.split()
         pairs.append({"prompt": f"{name}: " + " ".join(words[:prompt_items]),
                       "reference": " ".join(words[prompt_items:])})
@@ -99,7 +101,7 @@ def evaluate_quickstart(run_dir: str | Path, work: str | Path, env: dict | None 
                     "--output", str(ppl_report), "--tensorboard", "--quiet"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     subprocess.run([*py, "bleu", "--checkpoint", str(run_dir), "--data", str(work / "task_pairs.jsonl"),
-                    "--max-new-tokens", "24", "--stop", "\\n", "--output", str(bleu_report), "--quiet"], check=True, env=env,
+                    "--max-new-tokens", "24", "--stop", ".", "--output", str(bleu_report), "--quiet"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     png = plot_training(run_dir, run_dir / "curves.png")
     ppl, bleu = json.loads(ppl_report.read_text()), json.loads(bleu_report.read_text())
