@@ -1,7 +1,9 @@
 """The quickstart: a real end-to-end bigllm run on text generated on this machine.
 
-    corpus (Python's own documentation) -> SentencePiece tokenizer -> .bin/.idx shards
-    -> tiny Llama model trained with TP=2 x PP=2 (4 processes, ZeRO-1) -> validation perplexity
+    corpus (Python's own documentation + a small regular "sequence" task) -> SentencePiece
+    tokenizer -> .bin/.idx shards -> tiny Llama model trained with TP=2 x PP=2 (4 processes,
+    ZeRO-1) -> validation perplexity -> held-out perplexity, BLEU on held-out task prompts,
+    and a PNG of the loss and learning-rate curves
 
 Every step is the public CLI (`bigllm tokenizer train`, `bigllm preprocess`, `torchrun -m bigllm
 train`), so this script is also a worked example. `make quickstart` runs it.
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
         shutil.rmtree(run_dir)
     step("1/4 generate a corpus of real English text", [py, "tools/make_corpus.py", "--output",
          str(work / "corpus.jsonl"), "--max-mb", "4"], env)
+    from bigllm.evaluate.quickstart import evaluate_quickstart, prepare_eval_data
+
+    prepare_eval_data(work)  # held-out text, task documents mixed in, held-out task prompt pairs
     step("2/4 train a SentencePiece tokenizer", [py, "-m", "bigllm", "tokenizer", "train", "--input",
          str(work / "corpus.jsonl"), "--vocab-size", "2048", "--output", str(work / "tokenizer")], env)
     step("3/4 preprocess to memory-mapped shards", [py, "-m", "bigllm", "preprocess", "--input",
@@ -66,6 +73,8 @@ def main(argv=None) -> int:
         print("warning: validation perplexity did not fall clearly")
         return 1
     print(f"checkpoints: {run_dir / 'checkpoints'}\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print("\n=== evaluation of the trained checkpoint")
+    evaluate_quickstart(run_dir, work, env)
     return 0
 
 
