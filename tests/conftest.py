@@ -45,3 +45,20 @@ def shard_prefix(corpus_jsonl, tokenizer_dir, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("shard") / "corpus")
     preprocess([str(corpus_jsonl)], str(tokenizer_dir), prefix, workers=1, progress=False)
     return prefix
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """In-process tests may create a one-process gloo group and megatron's parallel state (and
+    export RANK/WORLD_SIZE...); tear both down and restore the environment after every test, so
+    the next test (or a launcher it starts) sees a clean process."""
+    saved = dict(os.environ)
+    yield
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

@@ -15,20 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import ROOT, TINY, base_overrides, run_ok, torchrun, train_losses
+from train_utils import ROOT, TINY, base_overrides, clean_env, run_ok, torchrun, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _env(**extra):
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def _launch(nproc: int, overrides: list[str], **env) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "bigllm", "train", str(TINY), *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 

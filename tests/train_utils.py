@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                 "TORCHELASTIC_RUN_ID", "LOCAL_SIZE", "CROSS_RANK", "NODE_RANK")
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without launcher variables, for starting a launcher."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -26,7 +34,7 @@ def base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra) -> list[str]:
 
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
              env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = clean_env(**(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "bigllm", "train", str(config), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -42,7 +50,7 @@ def free_port() -> int:
 
 def deepspeed_launch(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """The deepspeed launcher (`deepspeed --module bigllm train ...`) on this host."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = clean_env()
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [sys.executable, str(launcher), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--no_local_rank",
            "--module", "bigllm", "train", str(TINY), *overrides]

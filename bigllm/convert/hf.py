@@ -218,23 +218,29 @@ def to_hf(checkpoint: str, output: str, tokenizer: str | None = None) -> Path:
     return out
 
 
+def read_hf_weights(src: Path) -> dict:
+    """All tensors of a Hugging Face model dir's *.safetensors files (never a pickle)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(src).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"'{src}' has no *.safetensors weights (save with safe_serialization=True)")
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
 def from_hf(input_dir: str, output: str, tp: int = 1, pp: int = 1, tokenizer: str | None = None) -> Path:
     """Import HF Llama weights as a bigllm run dir with a step-0 checkpoint in layout tp x pp."""
     src = Path(input_dir)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"'{src}' has no config.json: not a Hugging Face model directory")
     model = model_config_from_hf(json.loads((src / "config.json").read_text()))  # refuse before heavy imports
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"'{src}' has no *.safetensors weights (save with safe_serialization=True)")
-    from safetensors.torch import load_file
-
+    hf = read_hf_weights(src)
     from bigllm.convert.native import write_run
     from bigllm.model.llama import padded_vocab_size
 
-    hf = {}
-    for f in files:
-        hf.update(load_file(str(f)))
     cfg = RunConfig(model=model)
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
     cfg.data.tokenizer = str(Path(tokenizer).resolve()) if tokenizer else ""

@@ -101,18 +101,11 @@ def _native_weights(tag_dir: Path) -> dict:
 
 def _hf_weights(hf_dir: Path, config: dict) -> tuple[ModelConfig, int, dict]:
     """(ModelConfig, padded vocab, canonical state) of a Hugging Face Llama dir (bigllm convert's mapping)."""
-    from safetensors.torch import load_file
-
-    from bigllm.convert.hf import from_hf_state, model_config_from_hf
+    from bigllm.convert.hf import from_hf_state, model_config_from_hf, read_hf_weights
     from bigllm.model.llama import padded_vocab_size
 
     cfg = model_config_from_hf(config)
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"Hugging Face dir '{hf_dir}' has no *.safetensors weights")
-    weights = {}
-    for f in files:
-        weights.update(load_file(str(f)))
+    weights = read_hf_weights(hf_dir)
     vocab = padded_vocab_size(cfg.vocab_size, cfg, 1)
     return cfg, vocab, from_hf_state(weights, cfg, vocab)
 
