@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WARMUP = 3
+WARMUP = 4
+LOG_INTERVAL = 4  # bigllm logs (and times) every 4 steps, as a real run logs every N steps
 
 CPU_MODEL = {"model.hidden_size": 256, "model.num_layers": 4, "model.num_attention_heads": 8,
              "model.num_kv_heads": 4, "model.ffn_hidden_size": 704, "model.seq_length": 256,
@@ -52,7 +53,7 @@ def prepare_data(work: Path) -> tuple[Path, Path]:
 
 def overrides(model: dict, tok: Path, prefix: Path, run_dir: Path, steps: int, peak) -> list[str]:
     values = {**model, "data.tokenizer": tok, "data.prefixes": f"[{prefix}]", "train.run_dir": run_dir,
-              "train.max_steps": steps, "train.log_interval": 1, "train.eval_interval": 0,
+              "train.max_steps": steps, "train.log_interval": LOG_INTERVAL, "train.eval_interval": 0,
               "train.save_interval": 0, "train.tensorboard": "false", "train.eval_iters": 1,
               "parallel.tp": 1, "parallel.pp": 1, "parallel.zero_stage": 0, "optim.warmup_steps": 2}
     if peak:
@@ -121,7 +122,7 @@ def baseline_worker(spec: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16, help="steps per run (multiple of 4; the first 4 are warm-up)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu", action="store_true", help="~1B model in bf16 on one GPU, with MFU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (989 for H100/H200 bf16)")
