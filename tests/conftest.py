@@ -47,11 +47,12 @@ def shard_prefix(corpus_jsonl, tokenizer_dir, tmp_path_factory) -> str:
     return prefix
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _isolated_process_state():
     """In-process tests may create a one-process gloo group and megatron's parallel state (and
-    export RANK/WORLD_SIZE...); tear both down and restore the environment after every test, so
-    the next test (or a launcher it starts) sees a clean process."""
+    export RANK/WORLD_SIZE...); tear both down and restore the environment after every test
+    module (module-scoped fixtures may share a model), so the next module, or a launcher it
+    starts, sees a clean process."""
     saved = dict(os.environ)
     yield
     parallel_state = sys.modules.get("megatron.core.parallel_state")
