@@ -177,3 +177,66 @@ def test_bad_input_is_one_line(args, needle, tiny, tmp_path, capsys):
     assert main(["evaluate", "perplexity", *args, "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# ----- several processes, the checkpoint's own layout ---------------------------------------
+def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path):
+    import subprocess
+    import sys
+
+    from train_utils import ROOT, clean_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bigllm",
+           "evaluate", "perplexity", "--checkpoint", str(checkpoint), "--data", str(data), "--seq-len", "48",
+           "--stride", "24", "--batch-size", "4", "--output", str(report), "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+
+
+def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):
+    """TP2xPP2 (4 processes, DeepSpeed's pipeline engine) and TP2 x DP2 (a resharded copy, 4 processes)
+    give the one-process perplexity."""
+    from bigllm.convert.reshard import reshard
+    from bigllm.evaluate.perplexity import load_stream, perplexity
+
+    stream = load_stream([str(tiny["heldout"])], lm.tokenizer)
+    one = perplexity(lm, stream, 48, 24, batch_size=4, progress=False)
+    tp2 = reshard(tiny["run"], 2, 1, tmp_path / "tp2", reset_optimizer=True)
+    for checkpoint, layout in ((tiny["run"], {"tp": 2, "pp": 2, "dp": 1}), (tp2, {"tp": 2, "pp": 1, "dp": 2})):
+        report = tmp_path / f"ppl-{layout['pp']}.json"
+        proc = _torchrun_perplexity(4, checkpoint, tiny["heldout"], report)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rep = json.loads(report.read_text())
+        assert {k: rep["checkpoint"]["evaluated_in"][k] for k in layout} == layout
+        assert rep["tokens"] == one.tokens and rep["windows"] == one.windows
+        assert rep["nll_sum"] == pytest.approx(one.nll_sum, rel=1e-6)
+        assert rep["perplexity"] == pytest.approx(one.perplexity, rel=1e-6)
+
+
+def test_several_processes_that_do_not_fit_the_layout_fail_in_one_line(tiny, tmp_path):
+    proc = _torchrun_perplexity(3, tiny["run"], tiny["heldout"], tmp_path / "r.json")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
+    assert errors and "not divisible by parallel.tp * parallel.pp = 2 * 2 = 4" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_hf_dir_without_sentencepiece_file_uses_its_transformers_tokenizer(lm, tiny, tmp_path):
+    """A Hugging Face dir with tokenizer.json but no tokenizer.model: the dir's own tokenizer
+    (transformers) gives the same ids, perplexity and greedy text."""
+    from bigllm.evaluate.generate import GenerationConfig, generate_texts
+    from bigllm.evaluate.loading import HFTokenizer, load_lm
+    from bigllm.evaluate.perplexity import load_stream, perplexity
+
+    hf_dir = _export_hf(tiny["run"], tmp_path / "hf")
+    (hf_dir / "tokenizer.model").unlink()
+    exported = load_lm(hf_dir)
+    assert isinstance(exported.tokenizer, HFTokenizer)
+    native_stream = load_stream([str(tiny["heldout"])], lm.tokenizer)
+    stream = load_stream([str(tiny["heldout"])], exported.tokenizer)
+    assert torch.equal(stream.tokens, native_stream.tokens) and stream.num_bytes == native_stream.num_bytes
+    a = perplexity(lm, native_stream, 48, 24, batch_size=4, progress=False)
+    b = perplexity(exported, stream, 48, 24, batch_size=4, progress=False)
+    assert b.tokens == a.tokens and b.loss == pytest.approx(a.loss, rel=REL_TOL)
+    cfg = GenerationConfig(max_new_tokens=8)
+    prompts = ["The assert statement", "Python raises"]
+    assert generate_texts(exported, prompts, cfg) == generate_texts(lm, prompts, cfg)

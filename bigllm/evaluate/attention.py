@@ -44,8 +44,11 @@ def _is_plain_causal(mask, sq: int, sk: int) -> bool:
 
 
 def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every block's megatron core attention for `SDPACoreAttention` (in place)."""
-    for block in model.blocks:
+    """Swap every block's megatron core attention for `SDPACoreAttention` (in place); `model` is a
+    CausalLM or a pipeline stage."""
+    from bigllm.model.llama import Block
+
+    for block in (m for m in model.modules() if isinstance(m, Block)):
         attn = block.layer.self_attention
         attn.core_attention = SDPACoreAttention(attn.core_attention)
     return model

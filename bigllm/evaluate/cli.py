@@ -38,17 +38,17 @@ def _gen_config(args):
 
 
 # ----- perplexity ---------------------------------------------------------------------------
-def _tensorboard(lm, result) -> str:
+def _tensorboard(info: dict, result) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
     from bigllm.evaluate.loading import run_dir_of
 
-    run_dir = run_dir_of(lm.info["checkpoint"]) if lm.info["format"] == "bigllm" else None
+    run_dir = run_dir_of(info["checkpoint"]) if info["format"] == "bigllm" else None
     if run_dir is None:
         raise BigLLMError("--tensorboard needs a native checkpoint inside RUN_DIR/checkpoints "
                           "(the scalars go to RUN_DIR/tensorboard)")
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    step = lm.info.get("step") or 0
+    step = info.get("step") or 0
     for key, value in (("eval/ppl", result.perplexity), ("eval/loss", result.loss),
                        ("eval/bits_per_byte", result.bits_per_byte)):
         writer.add_scalar(key, value, step)
@@ -56,7 +56,32 @@ def _tensorboard(lm, result) -> str:
     return str(run_dir / "tensorboard")
 
 
+def _perplexity_report(args, result, stream, info: dict, seq_len: int, stride: int, seconds: float) -> dict:
+    return {"task": "perplexity", "loss": result.loss, "perplexity": result.perplexity,
+            "bits_per_byte": result.bits_per_byte, "tokens": result.tokens, "nll_sum": result.nll_sum,
+            "windows": result.windows, "seq_len": seq_len, "stride": stride,
+            "method": "concatenated documents, EOD-separated, sliding window (HF perplexity guide)",
+            "data": {"paths": [str(Path(p).resolve()) for p in args.data], "documents": stream.num_documents,
+                     "stream_tokens": len(stream.tokens), "utf8_bytes": stream.num_bytes,
+                     "json_key": args.json_key},
+            "checkpoint": info, "seconds": seconds,
+            "tokens_per_s": result.tokens / seconds if seconds > 0 else None}
+
+
+def _finish_perplexity(args, report: dict, result, info: dict) -> int:
+    if args.tensorboard:
+        report["tensorboard"] = _tensorboard(info, result)
+    _say(f"loss {result.loss:.4f} | ppl {result.perplexity:.3f} | bits/byte {result.bits_per_byte:.4f} | "
+         f"{result.tokens} tokens")
+    _write_json(args.output, report)
+    return 0
+
+
 def perplexity_main(args) -> int:
+    from bigllm.evaluate.parallel import launched_with_several_processes
+
+    if launched_with_several_processes():
+        return _parallel_perplexity_main(args)
     from bigllm.evaluate.loading import load_lm
     from bigllm.evaluate.perplexity import load_stream, perplexity
 
@@ -67,21 +92,33 @@ def perplexity_main(args) -> int:
     _say(f"{stream.num_documents} documents, {len(stream.tokens)} tokens; windows of {seq_len} every {stride}")
     t0 = time.perf_counter()
     result = perplexity(lm, stream, seq_len, stride, args.batch_size, progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    report = {"task": "perplexity", "loss": result.loss, "perplexity": result.perplexity,
-              "bits_per_byte": result.bits_per_byte, "tokens": result.tokens, "nll_sum": result.nll_sum,
-              "windows": result.windows, "seq_len": seq_len, "stride": stride,
-              "method": "concatenated documents, EOD-separated, sliding window (HF perplexity guide)",
-              "data": {"paths": [str(Path(p).resolve()) for p in args.data], "documents": stream.num_documents,
-                       "stream_tokens": len(stream.tokens), "utf8_bytes": stream.num_bytes,
-                       "json_key": args.json_key},
-              "checkpoint": lm.info, "seconds": seconds,
-              "tokens_per_s": result.tokens / seconds if seconds > 0 else None}
-    if args.tensorboard:
-        report["tensorboard"] = _tensorboard(lm, result)
-    _say(f"loss {result.loss:.4f} | ppl {result.perplexity:.3f} | bits/byte {result.bits_per_byte:.4f} | "
-         f"{result.tokens} tokens")
-    _write_json(args.output, report)
+    report = _perplexity_report(args, result, stream, lm.info, seq_len, stride, time.perf_counter() - t0)
+    return _finish_perplexity(args, report, result, lm.info)
+
+
+def _parallel_perplexity_main(args) -> int:
+    """The checkpoint in its own layout on the launched processes; rank 0 reports."""
+    from bigllm.evaluate.parallel import load_sharded, parallel_nll
+    from bigllm.evaluate.perplexity import load_stream
+    from bigllm.parallel.context import destroy_parallel
+
+    lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer, attention=args.attention)
+    try:
+        stream = load_stream(args.data, lm.tokenizer, args.json_key)
+        seq_len = args.seq_len or lm.cfg.model.seq_length
+        stride = args.stride or max(1, seq_len // 2)
+        lead = lm.ctx.rank == 0
+        if lead:
+            d = lm.ctx.dims
+            _say(f"{stream.num_documents} documents, {len(stream.tokens)} tokens; windows of {seq_len} every "
+                 f"{stride}; tp={d.tp} pp={d.pp} dp={d.dp}")
+        t0 = time.perf_counter()
+        result = parallel_nll(lm, stream, seq_len, stride, args.batch_size, progress=not args.quiet)
+        if lead:
+            report = _perplexity_report(args, result, stream, lm.info, seq_len, stride, time.perf_counter() - t0)
+            _finish_perplexity(args, report, result, lm.info)
+    finally:
+        destroy_parallel()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A model and tokenizer from a checkpoint path, for evaluation on one process.
+"""A model and tokenizer from a checkpoint path, for evaluation on one process (several
+processes in the checkpoint's own layout: bigllm.evaluate.parallel).
 
     lm = load_lm("runs/tiny")                       # run dir: its newest complete checkpoint
     lm = load_lm("runs/tiny/checkpoints/step_0000200")
@@ -7,7 +8,9 @@
 Native checkpoints of any layout are consolidated (bigllm.convert) to the canonical tp=1/pp=1
 `CausalLM` (fp32) and run in this process; Hugging Face dirs go through bigllm.convert's
 from-HF mapping; megatron's parallel state is initialised with a world of one. The tokenizer is
-the checkpoint's (native) or the dir's tokenizer.model (HF, as `bigllm convert to-hf` writes it). `lm.info` describes the source for reports (path, step, layout, tokenizer).
+the checkpoint's (native) or the dir's: its tokenizer.model (as `bigllm convert to-hf` writes it),
+else its transformers tokenizer (tokenizer.json / tokenizer_config.json, see `HFTokenizer`).
+`lm.info` describes the source for reports (path, step, layout, tokenizer).
 """
 
 from __future__ import annotations
@@ -83,11 +86,60 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, dict]:
                           "Hugging Face directory (no config.json)")
 
 
+class HFTokenizer:
+    """A Hugging Face dir's own tokenizer (transformers' AutoTokenizer: tokenizer.json or
+    tokenizer_config.json) behind the small interface evaluation uses (bigllm.tokenizer.Tokenizer's):
+    encode/decode without special tokens, eos = eod, pad (eos when the dir has none), vocab_size."""
+
+    def __init__(self, hf_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        self.path = str(hf_dir)
+        self._tok = AutoTokenizer.from_pretrained(self.path)
+        if self._tok.eos_token_id is None:
+            raise CheckpointError(f"the tokenizer in {hf_dir} has no eos token; documents need one as separator. "
+                                  "Pass --tokenizer DIR (a bigllm tokenizer)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eos(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def bos(self) -> int | None:
+        return self._tok.bos_token_id
+
+    @property
+    def pad(self) -> int:
+        return self._tok.pad_token_id if self._tok.pad_token_id is not None else self._tok.eos_token_id
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _load_tokenizer(path: str | Path | None, where: str):
-    from bigllm.tokenizer import Tokenizer
+    """bigllm's SentencePiece tokenizer at `path`; for a Hugging Face dir without tokenizer.model,
+    the dir's own transformers tokenizer."""
+    from bigllm.tokenizer import MODEL_FILE, Tokenizer
 
     if not path or not Path(path).exists():
         raise CheckpointError(f"the tokenizer of {where} ('{path}') does not exist; pass --tokenizer DIR")
+    p = Path(path)
+    if p.is_dir() and not (p / MODEL_FILE).is_file() and any((p / f).is_file() for f in HF_TOKENIZER_FILES):
+        return HFTokenizer(p)
     return Tokenizer.load(path)
 
 

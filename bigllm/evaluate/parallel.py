@@ -1,0 +1,212 @@
+"""Perplexity of a native checkpoint in its own tp x pp layout, on several processes.
+
+    torchrun --nproc-per-node 4 -m bigllm evaluate perplexity --checkpoint runs/tiny --data heldout.jsonl
+
+The world is tp x pp x dp with the checkpoint's tp and pp (dp = world / (tp * pp)). Every rank
+builds its part of the model exactly as training does (bigllm.model.build), and DeepSpeed's engine
+loads its own shard of the checkpoint (module weights only), so no process ever holds the whole
+model. The windows and their scoring are those of the one-process path
+(bigllm.evaluate.perplexity): batches of windows are dealt round-robin to the dp ranks; tp ranks
+share the vocabulary-parallel cross entropy (megatron-core), and with pp > 1 DeepSpeed's pipeline
+engine runs the stages (`eval_batch`) and the last stage sums the NLL. Sums, not means, are
+reduced, so the result is the one-process result up to float summation order.
+
+Limits: ZeRO-3 checkpoints keep the weights in the optimizer shards, which are partitioned over
+the training dp size: evaluate them in one process (consolidated). A bf16 run's module weights
+are bf16; they are evaluated in fp32 (upcast), while the one-process path uses the fp32 masters
+when the checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bigllm.errors import CheckpointError
+
+
+def launched_with_several_processes(environ=os.environ) -> bool:
+    """True under torchrun / the deepspeed launcher / srun with more than one process."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if int(environ.get(key, "1") or 1) > 1:
+            return True
+    return False
+
+
+def masked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, real_vocab: int) -> torch.Tensor:
+    """[NLL sum (nats), tokens] (float64) of the masked targets.
+
+    logits [s, b, v/tp] (this tp rank's vocabulary slice), targets/mask [b, s]. Columns past
+    `real_vocab` (tp padding rows) get -inf, so, as in the one-process path, only real tokens
+    share the probability mass.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    logits = logits.float()
+    per_rank = logits.size(-1)
+    first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+    if first + per_rank > real_vocab:
+        logits = logits.clone()
+        logits[..., max(real_vocab - first, 0):] = float("-inf")
+    nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets.t().contiguous())  # [s, b]
+    m = mask.t()
+    return torch.stack([nll.double()[m].sum(), m.sum().double()])
+
+
+@dataclass
+class ShardedLM:
+    """This rank's part of a native checkpoint, loaded into a DeepSpeed engine."""
+
+    engine: object
+    ctx: object  # bigllm.parallel.context.ParallelContext
+    tokenizer: object
+    cfg: object  # RunConfig
+    real_vocab: int
+    info: dict
+
+    @property
+    def pipeline(self) -> bool:
+        return self.ctx.dims.pp > 1
+
+
+def _eval_run_config(meta: dict):
+    from bigllm.convert.source import run_config_from_dict
+
+    cfg = run_config_from_dict(meta["config"])
+    layout = meta["layout"]
+    if int(layout.get("zero_stage", 0)) == 3:
+        raise CheckpointError("a ZeRO-3 checkpoint keeps its weights in optimizer shards partitioned over the "
+                              "training data-parallel ranks; evaluate it in one process (without torchrun), "
+                              "or run 'bigllm convert consolidate' first")
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = int(layout["tp"]), int(layout["pp"]), 0
+    cfg.train.precision = "fp32"
+    return cfg
+
+
+def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, attention: str = "sdpa") -> ShardedLM:
+    """Initialise tp x pp x dp groups for the checkpoint's layout and load this rank's shard."""
+    import deepspeed
+
+    from bigllm.evaluate.attention import use_sdpa
+    from bigllm.evaluate.loading import _load_tokenizer, resolve_checkpoint
+    from bigllm.model.build import build_model
+    from bigllm.parallel.context import MegatronMPU, init_parallel
+    from bigllm.train import safe_load
+
+    kind, tag_dir, meta = resolve_checkpoint(path)
+    if kind != "native":
+        raise CheckpointError(f"'{path}' is a Hugging Face dir; several processes evaluate native bigllm "
+                              "checkpoints only: run without torchrun")
+    cfg = _eval_run_config(meta)
+    ctx = init_parallel(cfg.parallel, cfg.train.seed)
+    vocab = int(meta["vocab_size"])
+    model = build_model(cfg.model, vocab, ctx.dims, "fp32", cfg.train.seed)
+    ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                 "train_batch_size": batch_size * ctx.dims.dp, "steps_per_print": 2**31 - 1,
+                 "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      mpu=None if ctx.dims.pp > 1 else MegatronMPU())
+    safe_load.install(engine)
+    loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir} at tp={ctx.dims.tp} pp={ctx.dims.pp}")
+    engine.eval()
+    if attention == "sdpa":
+        use_sdpa(engine.module)
+    tok = _load_tokenizer(tokenizer or meta.get("tokenizer"), tag_dir)
+    real = min(tok.vocab_size, cfg.model.vocab_size or vocab, vocab)
+    info = {"format": "bigllm", "checkpoint": str(Path(tag_dir).resolve()), "step": meta.get("step"),
+            "layout": meta.get("layout"), "consumed_samples": meta.get("consumed_samples"),
+            "tokenizer": str(Path(tokenizer or meta.get("tokenizer")).resolve()), "vocab_size": vocab,
+            "tokenizer_vocab_size": tok.vocab_size, "scored_vocab_size": real, "attention": attention,
+            "evaluated_in": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}}
+    return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=real, info=info)
+
+
+def _my_batches(spans: list, batch_size: int, dp: int, dp_rank: int) -> list[list]:
+    """Batches of windows dealt round-robin to dp ranks; every rank gets the same count (empty
+    batches pad the tail, so each rank runs the same collectives)."""
+    batches = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
+    per_rank = math.ceil(len(batches) / dp)
+    mine = batches[dp_rank::dp]
+    return mine + [[]] * (per_rank - len(mine))
+
+
+def _fixed_batch(tokens: torch.Tensor, batch: list, batch_size: int, seq_len: int, pad_id: int):
+    """window_batch padded to [batch_size, seq_len] (the pipeline needs one shape for all)."""
+    from bigllm.evaluate.perplexity import window_batch
+
+    inputs = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full_like(inputs, pad_id)
+    mask = torch.zeros_like(inputs, dtype=torch.bool)
+    if batch:
+        i, t, m = window_batch(tokens, batch, pad_id)
+        inputs[:len(batch), :i.size(1)], targets[:len(batch), :t.size(1)], mask[:len(batch), :m.size(1)] = i, t, m
+    return inputs, targets, mask
+
+
+def _score_batches(lm: ShardedLM, batches: list, make, bar) -> torch.Tensor:
+    """[NLL sum, tokens] of this rank's batches of windows (complete on every rank of its
+    pipeline); make(windows) -> (inputs, targets, mask) tensors."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    device = lm.ctx.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if not lm.pipeline:
+        with torch.no_grad():
+            for inputs, targets, mask in map(make, batches):
+                logits = lm.engine.module(inputs.to(device))  # [s, b, v/tp]
+                part = masked_nll_sum(logits, targets.to(device), mask.to(device), lm.real_vocab)
+                total += part
+                bar.update(int(part[1]))
+        return total
+    module = lm.engine.module
+    module.loss_fn = lambda logits, labels: masked_nll_sum(logits, labels[0], labels[1], lm.real_vocab)
+    chunk = 8  # micro-batches per eval_batch call: progress, and bounded memory for fwd outputs
+    for start in range(0, len(batches), chunk):
+        group = batches[start:start + chunk]
+        it = iter([(i.to(device), (t.to(device), m.to(device))) for i, t, m in map(make, group)])
+        outs = lm.engine.eval_batch(it, reduce_output=None, bcast_loss=False, num_micro_batches=len(group))
+        part = torch.stack(outs).sum(0).double() if lm.ctx.is_last_stage else torch.zeros(2, dtype=torch.float64,
+                                                                                           device=device)
+        dist.broadcast(part, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        total += part
+        bar.update(int(part[1]))
+    return total
+
+
+def parallel_nll(lm: ShardedLM, stream, seq_len: int, stride: int, batch_size: int, progress: bool):
+    """PerplexityResult of the stream, scored by all ranks (identical on every rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from bigllm.evaluate.perplexity import PerplexityResult, windows
+
+    if seq_len > lm.cfg.model.seq_length:
+        raise CheckpointError(f"--seq-len {seq_len} is longer than the model's seq_length "
+                              f"{lm.cfg.model.seq_length}")
+    spans = windows(len(stream.tokens), seq_len, stride)
+    mine = _my_batches(spans, batch_size, lm.ctx.dims.dp, lm.ctx.dp_rank)
+
+    def make(batch):
+        return _fixed_batch(stream.tokens, batch, batch_size, seq_len, lm.tokenizer.pad)
+
+    bar = tqdm(total=sum(w.end - w.first_scored for w in spans), unit="tok", desc="perplexity",
+               disable=not progress or lm.ctx.rank != 0)
+    total = _score_batches(lm, mine, make, bar)
+    # the bar shows rank 0's share; the sum over dp ranks is the whole stream
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    bar.close()
+    nll_sum, count = float(total[0]), int(total[1])
+    loss = nll_sum / count
+    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=count,
+                            bits_per_byte=nll_sum / (math.log(2) * stream.num_bytes), nll_sum=nll_sum,
+                            windows=len(spans))
