@@ -164,7 +164,7 @@ def _hf_weights(hf_dir: Path, config: dict) -> tuple[ModelConfig, int, dict]:
 
 def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device,
            attention: str = "sdpa") -> torch.nn.Module:
-    from bigllm.evaluate.attention import use_sdpa
+    from bigllm.evaluate.attention import use_eval_kernels
     from bigllm.model.build import CausalLM
 
     init_single_process()
@@ -175,7 +175,7 @@ def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device,
         raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     if attention == "sdpa":
-        use_sdpa(model)
+        use_eval_kernels(model)
     elif attention != "megatron":
         raise CheckpointError(f"attention '{attention}' is unknown; use 'sdpa' or 'megatron'")
     return model.to(device).eval()
@@ -190,8 +190,8 @@ def _device(device) -> torch.device:
 def load_lm(path: str | Path, tokenizer: str | None = None, device=None, attention: str = "sdpa") -> LoadedLM:
     """Model (eval mode) + tokenizer + provenance for a native checkpoint or a Hugging Face dir.
 
-    attention: 'sdpa' (torch's fused kernel, see bigllm.evaluate.attention) or 'megatron'
-    (megatron-core's DotProductAttention, exactly the training kernel).
+    attention: 'sdpa' (torch's fused attention and a split SwiGLU matmul, see
+    bigllm.evaluate.attention) or 'megatron' (megatron-core's modules unchanged: the training kernels).
     """
     kind, where, meta = resolve_checkpoint(path)
     dev = _device(device)

@@ -91,7 +91,7 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, atten
     """Initialise tp x pp x dp groups for the checkpoint's layout and load this rank's shard."""
     import deepspeed
 
-    from bigllm.evaluate.attention import use_sdpa
+    from bigllm.evaluate.attention import use_eval_kernels
     from bigllm.evaluate.loading import _load_tokenizer, resolve_checkpoint
     from bigllm.model.build import build_model
     from bigllm.parallel.context import MegatronMPU, init_parallel
@@ -117,7 +117,7 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, atten
         raise CheckpointError(f"DeepSpeed could not load {tag_dir} at tp={ctx.dims.tp} pp={ctx.dims.pp}")
     engine.eval()
     if attention == "sdpa":
-        use_sdpa(engine.module)
+        use_eval_kernels(engine.module)
     tok = _load_tokenizer(tokenizer or meta.get("tokenizer"), tag_dir)
     real = min(tok.vocab_size, cfg.model.vocab_size or vocab, vocab)
     info = {"format": "bigllm", "checkpoint": str(Path(tag_dir).resolve()), "step": meta.get("step"),
