@@ -6,6 +6,7 @@
     bigllm convert reshard --checkpoint RUN_DIR --tp N --pp M --output OUT
 
 `layout` names the canonical (tp = pp = 1) tensors and cuts them per rank; `source` reads
-training checkpoints; `native` writes checkpoints DeepSpeed's engine loads; `hf` maps to and
-from `transformers.LlamaForCausalLM`.
+training checkpoints; `zero` gathers fp32 masters and AdamW moments from DeepSpeed's ZeRO-1/2/3
+optimizer shards; `native` writes checkpoints DeepSpeed's engine loads; `hf` maps to and from
+`transformers.LlamaForCausalLM`.
 """

@@ -6,6 +6,12 @@ OUT/model.safetensors holds the tp = pp = 1 `CausalLM` names (see `bigllm.conver
 the padded vocabulary kept; OUT/config.yaml is the run's RunConfig and OUT/meta.json records
 vocabulary sizes, tokenizer and the source layout. Tensors are merged one name at a time
 (pipeline checkpoints: one layer's tp shards at a time), with a progress bar.
+
+--dtype fp32 (the default) gives the full-precision weights of any layout: the model files of
+fp32 runs; the fp32 master weights of bf16 runs, from the ZeRO optimizer shards (ZeRO-1/2, also
+pipelines) or the mp_rank files (ZeRO-0); and for ZeRO-3 runs, which keep no weights in their
+model files, the masters from the shards (one tp rank's dp partitions at a time, see
+`bigllm.convert.zero`). --dtype bf16 gives a bf16 run's own weights (fp32 ones cast otherwise).
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@
 
 The optimizer state is torch AdamW's `state_dict()` for the rank's parameters in bigllm's
 param-group order (matrices, then 1-D weights): fresh (no moments) unless canonical moments are
-given. ZeRO-0 is written because its optimizer state is per parameter and so reshardable by
-the same cuts as the weights; `bigllm train` resumes it with parallel.zero_stage=0.
+given. bf16 runs (pp = 1) are wrapped as DeepSpeed's ZeRO-0 bf16 optimizer (FP16_UnfusedOptimizer)
+saves them: the same AdamW state plus the fp32 master copy of every parameter, grouped alike.
+ZeRO-0 is written because its optimizer state is per parameter and so reshardable by the same
+cuts as the weights, and loads at any data-parallel size; `bigllm train` resumes it with
+parallel.zero_stage=0.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ def rank_optimizer(cfg: RunConfig, names: list[str], shards: dict, moments: dict
         optim["state"] = {i: {"step": moments[n]["step"].clone(), "exp_avg": moments[n]["exp_avg"],
                               "exp_avg_sq": moments[n]["exp_avg_sq"]} for i, n in enumerate(order)}
     return optim, sched
+
+
+def bf16_wrapped(optim: dict, names: list[str], shards: dict, step: int) -> dict:
+    """AdamW state as DeepSpeed's bf16 ZeRO-0 optimizer saves it: plus fp32 masters per param group."""
+    shapes = {n: tuple(shards[n].shape) for n in names}
+    order = layout.optimizer_order(names, shapes)
+    groups = [[shards[n].float() for n in order if len(shapes[n]) >= 2],
+              [shards[n].float() for n in order if len(shapes[n]) < 2]]
+    return {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": step, "optimizer_state_dict": optim,
+            "fp32_groups": [g for g in groups if g]}
 
 
 def _engine_fields(step: int, consumed: int, tp: int, pp: int, mp_world: int) -> dict:
@@ -112,6 +125,8 @@ def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, 
         for t in range(tp):
             local = {n: shards.get(n, t) for n in names}
             optim, sched = rank_optimizer(cfg, names, local, _moment_shards(moments, tp, names, t), groups_from)
+            if cfg.train.precision == "bf16":
+                optim = bf16_wrapped(optim, names, local, step)
             ckpt = {"module": _module_dict(names, local.get) if pp == 1 else None, "optimizer": optim,
                     "lr_scheduler": sched_from or sched, **_engine_fields(step, consumed, tp, pp, tp * pp)}
             torch.save(ckpt, tag_dir / f"mp_rank_{s * tp + t:02d}_model_states.pt")

@@ -3,11 +3,15 @@
     bigllm convert reshard --checkpoint runs/tiny --tp 1 --pp 2 --output runs/tiny-pp2
     torchrun --nproc-per-node 2 -m bigllm train runs/tiny-pp2/config.yaml   # resumes at the same step
 
-Weights are merged to the canonical form and cut again (exact). AdamW moments of a ZeRO-0
-checkpoint are per parameter and are cut exactly like the weights; ZeRO-1/2/3 shards hold
-flattened partitions, which are not resharded here: pass --reset-optimizer to start the
-moments from zero (the step, sample position and learning-rate schedule are kept).
-The output is a ZeRO-0 run dir (see `bigllm.convert.native`).
+Weights are merged to the canonical form and cut again (exact). AdamW moments are moved too:
+a ZeRO-0 checkpoint keeps them per parameter; ZeRO-1/2/3 shards keep flat partitions per data-
+parallel rank, which `bigllm.convert.zero` gathers back into per-parameter tensors (exact, any
+source tp/pp/dp). Both are merged over tp and cut for the new layout like the weights.
+--reset-optimizer starts the moments from zero instead. The step, sample position and learning-
+rate schedule are always kept. The output is a ZeRO-0 run dir (see `bigllm.convert.native`):
+resume it with parallel.zero_stage=0, at any data-parallel size. fp32 runs reshard to any
+tp x pp; bf16 runs (fp32 masters and moments from the ZeRO shards) to pp = 1, because DeepSpeed
+resumes bf16 pipelines only at ZeRO-1; fp16 runs are refused (loss-scaler state).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def read_moments(src: Source) -> tuple[dict, list[dict], dict]:
     for path, names, t in _rank_files(src):
         ckpt = load_weights_only(path)
         optim = ckpt.get("optimizer") or {}
+        optim = optim.get("optimizer_state_dict", optim)  # bf16/fp16: AdamW inside DeepSpeed's wrapper
         groups, sched = groups or optim.get("param_groups"), sched or ckpt.get("lr_scheduler")
         order = layout.optimizer_order(names, {n: shapes[n] for n in names})
         for i, name in enumerate(order):
@@ -53,12 +58,32 @@ def read_moments(src: Source) -> tuple[dict, list[dict], dict]:
     return moments, [{k: v for k, v in g.items() if k != "params"} for g in groups], sched
 
 
+def read_optimizer(src: Source, with_moments: bool = True) -> tuple[dict | None, list[dict], dict | None]:
+    """(canonical moments or None, param-group settings, scheduler state) of a checkpoint of any ZeRO stage."""
+    if src.zero_stage == 0:
+        moments, groups, sched = read_moments(src)
+        return (moments if with_moments else None), groups, sched
+    from bigllm.convert import zero
+
+    moments, groups = zero.read_moments(src) if with_moments else (None, zero.param_groups(src))
+    return moments, groups, load_weights_only(zero.model_states_file(src, 0)).get("lr_scheduler")
+
+
+def check_precision(src: Source, pp: int) -> None:
+    """Refuse what a ZeRO-0 output cannot resume: fp16 loss scaling, bf16 pipelines (DeepSpeed needs ZeRO-1)."""
+    precision = src.cfg.train.precision
+    if precision == "fp16":
+        raise CheckpointError(f"checkpoint {src.tag_dir} was trained in fp16, whose loss-scaler state reshard "
+                              "does not carry; use bigllm convert consolidate or to-hf instead")
+    if precision == "bf16" and pp > 1:
+        raise CheckpointError(f"--pp {pp}: bf16 pipelines resume only at ZeRO-1 in DeepSpeed, and reshard writes "
+                              "ZeRO-0 checkpoints; reshard this bf16 run to --pp 1")
+
+
 def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_optimizer: bool = False) -> Path:
     """Write `output` as a run dir holding the checkpoint in layout tp x pp (ZeRO-0)."""
     src = open_source(checkpoint)
-    if src.zero_stage > 0 and not reset_optimizer:
-        raise CheckpointError(f"checkpoint {src.tag_dir} was trained with ZeRO-{src.zero_stage}, whose optimizer "
-                              "shards cannot be resharded yet; pass --reset-optimizer to restart the moments")
+    check_precision(src, pp)
     cfg = copy.deepcopy(src.cfg)
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
     cfg.train.run_dir = str(Path(output).resolve())
@@ -70,14 +95,10 @@ def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_
         raise CheckpointError(f"the padded vocabulary ({src.vocab_size}) changes at tp={tp}; "
                               "choose a tp that divides model.make_vocab_size_divisible_by")
     state = consolidate_state(src, "fp32")
-    optim = {}
-    if src.zero_stage == 0:
-        moments, groups, sched = read_moments(src)
-        optim = {"moments": None if reset_optimizer else moments, "groups_from": groups, "sched_from": sched}
-    elif src.tag_dir.joinpath("mp_rank_00_model_states.pt").is_file():
-        optim = {"sched_from": load_weights_only(src.tag_dir / "mp_rank_00_model_states.pt").get("lr_scheduler")}
+    moments, groups, sched = read_optimizer(src, with_moments=not reset_optimizer)
     if reset_optimizer:
         print("note: --reset-optimizer: AdamW moments start from zero; step, samples and lr schedule are kept")
+    optim = {"moments": moments, "groups_from": groups, "sched_from": sched}
     return write_run(state, cfg, src.vocab_size, output, src.meta.get("tokenizer_vocab_size") or src.vocab_size,
                      origin={"resharded_from": str(src.tag_dir.resolve()), "source_layout": src.meta["layout"],
                              "optimizer": "reset" if reset_optimizer else "resharded"},

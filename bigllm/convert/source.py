@@ -1,10 +1,12 @@
 """Reading a bigllm training checkpoint of any layout as canonical (tp = pp = 1) tensors.
 
 Only files listed in the checkpoint's own manifest (written by `bigllm train`) are opened, and
-the model files are read with `torch.load(weights_only=True)`. The one exception is DeepSpeed's
-ZeRO optimizer shards (`*_optim_states.pt`), which hold Python objects and need a full unpickle:
-they are read only through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`, and only
-when the weights are not in the model files (ZeRO-3, or bf16/fp16 training with --dtype fp32).
+every file is read with `torch.load(weights_only=True)`. The weights come from the model files
+(`mp_rank_XX_model_states.pt`, or a pipeline's `layer_LL-model_TT-model_states.pt`) unless those
+do not hold what was asked for: ZeRO-3 keeps no weights there, and bf16/fp16 runs with ZeRO-1/2
+keep their fp32 masters only in the optimizer shards; those are read by `bigllm.convert.zero`
+for any tp (and pp, where DeepSpeed allows ZeRO with pipelines). bf16/fp16 runs at ZeRO-0
+(pp = 1) keep their masters beside the AdamW state in the mp_rank files.
 """
 
 from __future__ import annotations
@@ -109,34 +111,48 @@ def _file(src: Source, name: str) -> Path:
     return path
 
 
-def load_weights_only(path: Path) -> dict:
-    """A torch file as tensors only (memory-mapped: tensors are read when used)."""
+def load_weights_only(path: Path, allowed: list | tuple = ()) -> dict:
+    """A torch file as tensors and plain data only (plus the `allowed` classes), memory-mapped when possible."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # files in the legacy (non-zip) format cannot be mapped
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # files in the legacy (non-zip) format cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding arbitrary objects
-        raise CheckpointError(f"cannot read {path} as a weights-only file: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path} as a weights-only file: {first}") from exc
 
 
 def _strip(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if not k.endswith("._extra_state")}
 
 
-def iter_pp1(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """(canonical name, tp shards) from the non-pipeline engine's mp_rank_XX files."""
+def iter_pp1(src: Source, masters: bool = False) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(canonical name, tp shards) from the non-pipeline engine's mp_rank_XX files (with `masters`:
+    the fp32 copies that DeepSpeed's bf16/fp16 ZeRO-0 optimizer keeps there)."""
     shards = []
     for t in range(src.tp):
-        module = load_weights_only(_file(src, f"mp_rank_{t:02d}_model_states.pt")).get("module")
-        if not module:
-            raise CheckpointError(f"{src.tag_dir}/mp_rank_{t:02d}_model_states.pt holds no weights "
-                                  f"(ZeRO-{src.zero_stage} keeps them in the optimizer shards)")
-        shards.append(_strip(module))
+        path = _file(src, f"mp_rank_{t:02d}_model_states.pt")
+        ckpt = load_weights_only(path)
+        if not ckpt.get("module"):
+            raise CheckpointError(f"{path} holds no weights (ZeRO-{src.zero_stage} keeps them in the optimizer shards)")
+        module = _strip(ckpt["module"])
+        shards.append(_zero0_masters(path, ckpt, module) if masters else module)
     for name in shards[0]:
         yield name, [s[name] for s in shards]
+
+
+def _zero0_masters(path: Path, ckpt: dict, module: dict) -> dict:
+    """name -> fp32 master: FP16_UnfusedOptimizer's `fp32_groups` follow bigllm's param-group order."""
+    groups = (ckpt.get("optimizer") or {}).get("fp32_groups")
+    order = layout.optimizer_order(list(module), {n: tuple(v.shape) for n, v in module.items()})
+    flat = [tensor for group in groups or [] for tensor in group]
+    if len(flat) != len(order) or any(tuple(f.shape) != tuple(module[n].shape) for f, n in zip(flat, order)):
+        raise CheckpointError(f"{path} holds no fp32 master weights matching its module; use --dtype bf16")
+    return dict(zip(order, flat))
 
 
 def iter_pipeline(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
@@ -151,29 +167,26 @@ def iter_pipeline(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
 
 
 def iter_zero_fp32(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """fp32 master weights reassembled by DeepSpeed from the ZeRO optimizer shards (pp = tp = 1)."""
-    if src.tp != 1 or src.pp != 1:
-        raise CheckpointError(f"ZeRO-{src.zero_stage} fp32 master weights can only be gathered for tp=1 pp=1 "
-                              f"checkpoints (this one is tp={src.tp} pp={src.pp}); use --dtype bf16")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """(canonical name, tp shards) of the fp32 master weights in the ZeRO optimizer shards."""
+    from bigllm.convert.zero import iter_masters
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(src.tag_dir.parent), tag=src.tag_dir.name)
-    for name, tensor in _strip(state).items():
-        yield name, [tensor]
+    return iter_masters(src)
 
 
 def needs_zero_masters(src: Source, dtype: str) -> bool:
     """True when the model files do not hold the full-precision weights that were asked for."""
-    if src.pp == 1 and src.zero_stage == 3:
+    if src.zero_stage == 3:
         return True
-    return dtype == "fp32" and src.cfg.train.precision != "fp32" and src.zero_stage >= 1 and src.pp == 1
+    return dtype == "fp32" and src.cfg.train.precision != "fp32" and src.zero_stage >= 1
 
 
 def iter_canonical(src: Source, dtype: str = "fp32") -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(canonical name, tp shards) in file order, from whichever files hold the weights."""
     if needs_zero_masters(src, dtype):
         return iter_zero_fp32(src)
-    return iter_pp1(src) if src.pp == 1 else iter_pipeline(src)
+    if src.pp > 1:
+        return iter_pipeline(src)
+    return iter_pp1(src, masters=dtype == "fp32" and src.cfg.train.precision != "fp32")
 
 
 def check_complete(src: Source, shapes_seen: dict[str, tuple]) -> None:
