@@ -5,7 +5,9 @@
 1. exports the checkpoint with `bigllm convert to-hf` (to a temporary dir);
 2. perplexity tokens/s: bigllm (the exported dir loaded through bigllm) vs transformers'
    `AutoModelForCausalLM`, both scoring the same sliding windows with the same batches;
-   the two NLLs are printed too (they agree to ~1e-6);
+   the two NLLs are printed too (they agree to ~1e-6). transformers runs as in the Hugging Face
+   perplexity guide (logits at every position); bigllm runs its head only where a window scores;
+   both use the same fp32 weights, one thread by default;
 3. generation tokens/s: bigllm greedy with the KV cache vs without it (same prompts, same tokens).
 
 Prints the figures and the ratios (bigllm / transformers >= 1.0 is the target).
@@ -16,19 +18,22 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
 def transformers_scorer(model, real_vocab: int):
-    """scorer(inputs [b, L], targets [b, L]) -> NLL [b, L] with a transformers model."""
+    """scorer(inputs [b, L], targets [b, L], mask [b, L]) -> NLL of the masked targets, the way the
+    Hugging Face perplexity guide runs a transformers model: logits for every position."""
     import torch.nn.functional as F
 
     @torch.no_grad()
-    def score(inputs, targets):
+    def score(inputs, targets, mask):
         logits = model(inputs).logits[..., :real_vocab].float()  # [b, L, v]
         b, n, v = logits.shape
-        return F.cross_entropy(logits.reshape(b * n, v), targets.reshape(b * n), reduction="none").view(b, n)
+        nll = F.cross_entropy(logits.reshape(b * n, v), targets.reshape(b * n), reduction="none").view(b, n)
+        return nll[mask]
 
     return score
 
@@ -82,7 +87,9 @@ def bench_generation(lm, prompts: list[list[int]], args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="native run dir or tag dir")
+    ap.add_argument("--checkpoint", required=True,
+                    help="native run dir or tag dir (exported to HF first), or a Hugging Face Llama dir")
+    ap.add_argument("--tokenizer", help="tokenizer dir (default: the checkpoint's own)")
     ap.add_argument("--data", nargs="+", required=True, help="held-out jsonl/txt/prefix")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--stride", type=int, default=64)
@@ -104,9 +111,11 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = to_hf(args.checkpoint, tmp)
-        lm = load_lm(hf_dir)  # bigllm's model (SDPA core attention, the evaluation default)
+        given = Path(args.checkpoint)
+        hf_dir = given if (given / "config.json").is_file() else to_hf(args.checkpoint, tmp, tokenizer=args.tokenizer)
+        lm = load_lm(hf_dir, tokenizer=args.tokenizer)  # bigllm's model, with the evaluation kernels (default)
         hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    print(f"model: hidden {lm.cfg.hidden_size}, {lm.cfg.num_layers} layers, vocab {lm.real_vocab}")
     stream = load_stream(args.data, lm.tokenizer)
     stream.tokens = stream.tokens[:args.max_tokens]
     bench_perplexity(lm, hf_model, stream, args)

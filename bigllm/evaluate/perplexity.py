@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bigllm.errors import DataError
 
@@ -130,27 +131,22 @@ def window_batch(tokens: torch.Tensor, batch: list[Window], pad_id: int):
 
 
 # ----- scoring ------------------------------------------------------------------------------
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [s, b, v] (whole vocabulary: tp = 1), targets [b, s] -> NLL per token [b, s] (nats)."""
-    import torch.nn.functional as F
-
-    s, b, v = logits.shape
-    flat = logits.float().reshape(s * b, v)  # rows stay contiguous: log-softmax's fast path
-    nll = F.cross_entropy(flat, targets.t().reshape(s * b), reduction="none")  # [s * b]
-    return nll.view(s, b).t()
-
-
 def bigllm_scorer(lm):
-    """A scorer(inputs [b, L], targets [b, L]) -> NLL [b, L] running bigllm's model.
+    """A scorer(inputs [b, L], targets [b, L], mask [b, L]) -> NLL [n] of the n masked targets
+    (row-major order), running bigllm's model.
 
-    The softmax runs over the real vocabulary only: rows past the tokenizer's size are tp padding,
-    not tokens (and a Hugging Face export drops them), so they get no probability mass.
+    The head and the softmax run only on the positions a window scores (with stride L/2, half of
+    them): the others' logits would be thrown away. The softmax runs over the real vocabulary
+    only: rows past the tokenizer's size are tp padding, not tokens (and a Hugging Face export
+    drops them), so they get no probability mass.
     """
 
     @torch.no_grad()
-    def score(inputs, targets):
-        logits = lm.model(inputs.to(lm.device))[..., :lm.real_vocab]  # [L, b, v_real] (tp = 1)
-        return token_nll(logits, targets.to(lm.device)).cpu()
+    def score(inputs, targets, mask):
+        hidden = lm.model.hidden(inputs.to(lm.device))  # [L, b, h]
+        rows = hidden.transpose(0, 1)[mask.to(lm.device)]  # [n, h], row-major over (b, L)
+        logits = lm.model.logits(rows[:, None])[:, 0, :lm.real_vocab]  # [n, v_real] (tp = 1)
+        return F.cross_entropy(logits.float(), targets[mask].to(lm.device), reduction="none").cpu()
 
     return score
 
@@ -177,8 +173,8 @@ def sliding_window_nll(scorer, stream: EvalStream, seq_len: int, stride: int, ba
     for i in range(0, len(spans), batch_size):
         batch = spans[i:i + batch_size]
         inputs, targets, mask = window_batch(stream.tokens, batch, pad_id)
-        nll = scorer(inputs, targets)  # [b, L]
-        nll_sum += float(nll.double()[mask].sum())
+        nll = scorer(inputs, targets, mask)  # [n scored]
+        nll_sum += float(nll.double().sum())
         count += int(mask.sum())
         bar.update(int(mask.sum()))
         bar.set_postfix(ppl=f"{math.exp(min(nll_sum / max(count, 1), 50)):.2f}")

@@ -39,14 +39,21 @@ class CausalLM(torch.nn.Module):
     def forward(self, tokens, labels=None, loss_mask=None, *, rotary_pos_emb=None, attention_mask=None,
                 inference_context=None):
         """The keyword arguments are for inference (see `Block.forward`); training leaves them None."""
-        hidden = self.embedding(tokens)
-        for block in self.blocks:
-            hidden = block(hidden, rotary_pos_emb, attention_mask, inference_context)
-        hidden = self.final_norm(hidden)
-        logits = tied_logits(self.embedding, hidden) if self.head is None else self.head(hidden)
+        logits = self.logits(self.hidden(tokens, rotary_pos_emb, attention_mask, inference_context))
         if labels is None:
             return logits
         return lm_loss(logits, labels, loss_mask)
+
+    def hidden(self, tokens, rotary_pos_emb=None, attention_mask=None, inference_context=None) -> torch.Tensor:
+        """tokens [b, s] -> final-normed hidden states [s, b, h]."""
+        hidden = self.embedding(tokens)
+        for block in self.blocks:
+            hidden = block(hidden, rotary_pos_emb, attention_mask, inference_context)
+        return self.final_norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> logits [s, b, v/tp] (evaluation may pass only the rows it scores)."""
+        return tied_logits(self.embedding, hidden) if self.head is None else self.head(hidden)
 
 
 def _pipeline_loss(logits, labels):
