@@ -181,3 +181,22 @@ def test_unigram_preprocess_is_encoded_whole(tmp_path, corpus_jsonl):
     sp = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
     texts = [json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()]
     assert [ds[i].tolist() for i in range(len(ds))] == [sp.encode(t) + [EOD] for t in texts]
+
+
+def test_cli_word_cache_flag(tmp_path, tokenizer_dir, corpus_jsonl, capsys):
+    """`--word-cache 0` turns the cache off (same bytes, the summary says so); a negative count is
+    a one-line error that writes nothing."""
+    from bigllm.cli import main
+
+    for n in (0, 1000):
+        assert main(["preprocess", "--input", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir),
+                     "--output-prefix", str(tmp_path / f"w{n}"), "--word-cache", str(n), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "word cache off (word_cache=0)" in out and "word cache hit rate" in out
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w0{ext}").read_bytes() == (tmp_path / f"w1000{ext}").read_bytes()
+    assert main(["preprocess", "--input", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir),
+                 "--output-prefix", str(tmp_path / "neg"), "--word-cache", "-1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--word-cache must be 0 (off)" in err[0]
+    assert not list(tmp_path.glob("neg*"))

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines, missing keys and invalid UTF-8 instead of failing")
     p.add_argument("--chunk-docs", type=int, default=1000, help="documents per worker task")
+    p.add_argument("--word-cache", type=int, default=None, metavar="N",
+                   help="words each worker caches (BPE tokenizers; output is identical either way); "
+                   "0 turns the cache off (default 200000)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(handler=lazy("bigllm.commands.preprocess:run"))
 
@@ -37,10 +40,13 @@ def run(args) -> int:
     else:
         if not args.tokenizer:
             raise BigLLMError("--tokenizer DIR is required to preprocess --input files")
+        if args.word_cache is not None and args.word_cache < 0:
+            raise BigLLMError(f"--word-cache must be 0 (off) or a positive word count, got {args.word_cache}")
         from bigllm.data.preprocess import preprocess
 
         result = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                             workers=args.workers, append_eod=args.append_eod, skip_bad=args.skip_bad,
-                            chunk_docs=args.chunk_docs, progress=args.progress)
+                            chunk_docs=args.chunk_docs, progress=args.progress,
+                            **({} if args.word_cache is None else {"word_cache": args.word_cache}))
     print(result.summary())
     return 0
