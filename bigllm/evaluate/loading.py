@@ -130,7 +130,7 @@ class HFTokenizer:
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _load_tokenizer(path: str | Path | None, where: str):
+def load_tokenizer(path: str | Path | None, where: str):
     """bigllm's SentencePiece tokenizer at `path`; for a Hugging Face dir without tokenizer.model,
     the dir's own transformers tokenizer."""
     from bigllm.tokenizer import MODEL_FILE, Tokenizer
@@ -187,6 +187,21 @@ def _device(device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe(kind: str, where: Path, meta: dict, tok_path, tok, cfg: ModelConfig, vocab: int,
+             attention: str) -> tuple[dict, int]:
+    """(provenance for reports, scored vocabulary size). Scored ids: the tokenizer's ids that have a
+    row (HF exports drop the tp padding rows)."""
+    real = min(tok.vocab_size, cfg.vocab_size or vocab, vocab)
+    native = kind == "native"
+    info = {"format": "bigllm" if native else "huggingface", "step": meta.get("step") if native else None,
+            "layout": meta.get("layout") if native else None, "checkpoint": str(Path(where).resolve()),
+            "tokenizer": str(Path(tok_path).resolve()), "vocab_size": vocab, "tokenizer_vocab_size": tok.vocab_size,
+            "scored_vocab_size": real, "attention": attention}
+    if native:
+        info["consumed_samples"] = meta.get("consumed_samples")
+    return info, real
+
+
 def load_lm(path: str | Path, tokenizer: str | None = None, device=None, attention: str = "sdpa") -> LoadedLM:
     """Model (eval mode) + tokenizer + provenance for a native checkpoint or a Hugging Face dir.
 
@@ -199,18 +214,11 @@ def load_lm(path: str | Path, tokenizer: str | None = None, device=None, attenti
         cfg = ModelConfig(**meta["config"]["model"])
         vocab, state = int(meta["vocab_size"]), _native_weights(where)
         tok_path = tokenizer or meta.get("tokenizer")
-        info = {"format": "bigllm", "step": meta.get("step"), "layout": meta.get("layout"),
-                "consumed_samples": meta.get("consumed_samples")}
     else:
         cfg, vocab, state = _hf_weights(where, meta)
         tok_path = tokenizer or where
-        info = {"format": "huggingface", "step": None, "layout": None}
-    tok = _load_tokenizer(tok_path, where)
-    # Real tokens: the tokenizer's ids that have a row (HF exports drop the padding rows).
-    real = min(tok.vocab_size, cfg.vocab_size or vocab, vocab)
-    info.update({"checkpoint": str(Path(where).resolve()), "tokenizer": str(Path(tok_path).resolve()),
-                 "vocab_size": vocab, "tokenizer_vocab_size": tok.vocab_size, "scored_vocab_size": real})
-    info["attention"] = attention
+    tok = load_tokenizer(tok_path, where)
+    info, real = describe(kind, where, meta, tok_path, tok, cfg, vocab, attention)
     return LoadedLM(model=_build(cfg, vocab, state, dev, attention), tokenizer=tok, cfg=cfg, vocab_size=vocab,
                     device=dev, info=info, real_vocab=real)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -92,7 +91,7 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, atten
     import deepspeed
 
     from bigllm.evaluate.attention import use_eval_kernels
-    from bigllm.evaluate.loading import _load_tokenizer, resolve_checkpoint
+    from bigllm.evaluate.loading import describe, load_tokenizer, resolve_checkpoint
     from bigllm.model.build import build_model
     from bigllm.parallel.context import MegatronMPU, init_parallel
     from bigllm.train import safe_load
@@ -118,13 +117,10 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, atten
     engine.eval()
     if attention == "sdpa":
         use_eval_kernels(engine.module)
-    tok = _load_tokenizer(tokenizer or meta.get("tokenizer"), tag_dir)
-    real = min(tok.vocab_size, cfg.model.vocab_size or vocab, vocab)
-    info = {"format": "bigllm", "checkpoint": str(Path(tag_dir).resolve()), "step": meta.get("step"),
-            "layout": meta.get("layout"), "consumed_samples": meta.get("consumed_samples"),
-            "tokenizer": str(Path(tokenizer or meta.get("tokenizer")).resolve()), "vocab_size": vocab,
-            "tokenizer_vocab_size": tok.vocab_size, "scored_vocab_size": real, "attention": attention,
-            "evaluated_in": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}}
+    tok_path = tokenizer or meta.get("tokenizer")
+    tok = load_tokenizer(tok_path, tag_dir)
+    info, real = describe(kind, tag_dir, meta, tok_path, tok, cfg.model, vocab, attention)
+    info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}
     return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=real, info=info)
 
 
@@ -205,8 +201,4 @@ def parallel_nll(lm: ShardedLM, stream, seq_len: int, stride: int, batch_size: i
     # the bar shows rank 0's share; the sum over dp ranks is the whole stream
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     bar.close()
-    nll_sum, count = float(total[0]), int(total[1])
-    loss = nll_sum / count
-    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=count,
-                            bits_per_byte=nll_sum / (math.log(2) * stream.num_bytes), nll_sum=nll_sum,
-                            windows=len(spans))
+    return PerplexityResult.from_sums(float(total[0]), int(total[1]), stream.num_bytes, len(spans))

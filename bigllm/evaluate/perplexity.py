@@ -160,6 +160,13 @@ class PerplexityResult:
     nll_sum: float
     windows: int
 
+    @classmethod
+    def from_sums(cls, nll_sum: float, count: int, num_bytes: int, windows: int) -> "PerplexityResult":
+        """From the summed NLL (nats) of `count` scored tokens over text of `num_bytes` UTF-8 bytes."""
+        loss = nll_sum / count
+        return cls(loss=loss, perplexity=math.exp(loss), tokens=count,
+                   bits_per_byte=nll_sum / (math.log(2) * num_bytes), nll_sum=nll_sum, windows=windows)
+
 
 def sliding_window_nll(scorer, stream: EvalStream, seq_len: int, stride: int, batch_size: int,
                        pad_id: int, progress: bool = True) -> PerplexityResult:
@@ -179,10 +186,7 @@ def sliding_window_nll(scorer, stream: EvalStream, seq_len: int, stride: int, ba
         bar.update(int(mask.sum()))
         bar.set_postfix(ppl=f"{math.exp(min(nll_sum / max(count, 1), 50)):.2f}")
     bar.close()
-    loss = nll_sum / count
-    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=count,
-                            bits_per_byte=nll_sum / (math.log(2) * stream.num_bytes),
-                            nll_sum=nll_sum, windows=len(spans))
+    return PerplexityResult.from_sums(nll_sum, count, stream.num_bytes, len(spans))
 
 
 def perplexity(lm, stream: EvalStream, seq_len: int | None = None, stride: int | None = None,
