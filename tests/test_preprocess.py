@@ -127,6 +127,39 @@ def test_skip_bad_and_empty_are_counted(bad_corpus, tokenizer_dir, tmp_path, cap
     assert [d.tolist() for d in read_shard(tmp_path / "o2")] == expected(tokenizer_dir, ["good one", "good two"])
 
 
+def test_jsonl_chunks_read_exactly_like_the_line_reader(tmp_path):
+    """Workers parse jsonl chunks (`JsonlChunk.documents`: one decode and json.loads a line, or
+    line by line when something is irregular); documents, counts and the first error equal the
+    line reader's (`iter_documents`) for every chunk size, line numbers included."""
+    from bigllm.data.readers import ReadStats, iter_documents, read_chunks
+
+    lines = [b'{"text": "one"}', b'', b'{"text": "two\\u2028lines"}\r', b'   ', b'{"text": "  \\n "}',
+             b'{"text": 7}', b'{"text": "caf\xc3\xa9"}', b'[1, 2]', b'{"other": "x"}', b'{"text": "bad \xff"}',
+             b'{"text": "last"', b'{"text": "\\u00e9t\\u00e9"}', b'"a string"', b'{"text": ""}']
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    want_stats = ReadStats()
+    want = list(iter_documents(src, "text", True, want_stats))
+    with pytest.raises(DataError) as first_error:
+        list(iter_documents(src, "text", False))
+    for size in (1, 2, 3, 5, 100):
+        stats, docs = ReadStats(), []
+        for chunk in read_chunks([str(src)], size, "text", True):
+            got, counted = chunk.documents("text", True)
+            docs += got
+            stats.add(counted)
+        assert (docs, stats) == (want, want_stats)
+        with pytest.raises(DataError) as error:
+            for chunk in read_chunks([str(src)], size):
+                chunk.documents("text", False)
+        assert str(error.value) == str(first_error.value)
+    assert want == ["one", "two\u2028lines", "café", "été"] and (want_stats.empty, want_stats.bad) == (2, 6)
+    clean = tmp_path / "clean.jsonl"  # the fast path: every line a regular record
+    clean.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b c", " ", "d\u2028e"]))
+    (chunk,) = read_chunks([str(clean)], 10)
+    assert chunk.documents("text", False) == (["a", "b c", "d\u2028e"], ReadStats(docs=3, empty=1))
+
+
 def test_invalid_utf8_is_an_error_or_skipped(tmp_path, tokenizer_dir):
     src = tmp_path / "u.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n')
@@ -155,8 +188,10 @@ def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jso
         (tmp_path / f"good{ext}").write_bytes(Path(shard_prefix + ext).read_bytes())
     before = digest(f"{prefix}.bin", f"{prefix}.idx")
     broken = tmp_path / "broken.jsonl"
-    broken.write_text(Path(corpus_jsonl).read_text() + '{"text": oops}\n')
-    with pytest.raises(DataError, match="malformed JSON"):
+    text = Path(corpus_jsonl).read_text()
+    broken.write_text(text + '{"text": oops}\n')
+    bad_line = text.count("\n") + 1  # in the last of many chunks, parsed by a worker process
+    with pytest.raises(DataError, match=rf"broken\.jsonl:{bad_line}: malformed JSON"):
         preprocess([str(broken)], str(tokenizer_dir), str(prefix), workers=2, chunk_docs=50, progress=False)
     assert digest(f"{prefix}.bin", f"{prefix}.idx") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "good.bin", "good.idx"]

@@ -64,16 +64,22 @@ def random_docs(corpus_jsonl: Path, n: int, seed: int = 0) -> list[str]:
                    "long " + "x" * 100 + " words " + "漢字" * 50, "https://example.com/" + "a/b" * 40 + " again"]
 
 
-def cached_encode(model: Path, docs: list[str], max_words: int = 100_000, chunk: int = 500):
-    """Encode in chunks through one cache, as a worker does; (per-document ids, cache, rules)."""
+def cached_encode(model: Path, docs: list[str], max_words: int = 100_000, chunk: int = 500, eod: int | None = None):
+    """Encode in chunks through one cache, as a worker does; (per-document ids, cache, rules).
+    With `eod`, every document must end with it (then removed)."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
     rules = WordRules.for_model(str(model))
     assert rules.unsafe is not None, rules.reason
-    cache = WordCache(sp, rules.unsafe, np.int32, max_words)
+    cache = WordCache(sp, rules, np.int32, max_words)
     out = []
     for start in range(0, len(docs), chunk):
-        parts, _ = cache.encode(docs[start:start + chunk])
-        out += [np.frombuffer(p, np.int32).tolist() for p in parts]
+        tokens, lengths, _ = cache.encode(docs[start:start + chunk], eod)
+        assert tokens.dtype == np.int32 and lengths.sum() == tokens.size
+        parts = [p.tolist() for p in np.split(tokens, np.cumsum(lengths)[:-1])]
+        if eod is not None:
+            assert all(p[-1] == eod for p in parts)
+            parts = [p[:-1] for p in parts]
+        out += parts
     return out, cache, rules
 
 
@@ -98,9 +104,11 @@ def test_fuzz_equals_sentencepiece(normalizer, tokenizer_dir, other_models, corp
     model = tokenizer_dir / "tokenizer.model" if normalizer == "nmt_nfkc" else other_models["identity"]
     docs = random_docs(corpus_jsonl, 3000)
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    got, cache, rules = cached_encode(model, docs)
-    mismatches = [d for d, g in zip(docs, got) if g != sp.encode(d)]
-    assert not mismatches, f"{len(mismatches)} documents differ, first: {mismatches[0]!r}"
+    # no EOD, and an EOD id (pad) other than the control id that marks document ends inside the cache
+    for eod in (None, 3):
+        got, cache, rules = cached_encode(model, docs, eod=eod)
+        mismatches = [d for d, g in zip(docs, got) if g != sp.encode(d)]
+        assert not mismatches, f"{len(mismatches)} documents differ (eod={eod}), first: {mismatches[0]!r}"
     whole = sum(bool(set(d) & set(rules.unsafe)) for d in docs)
     if normalizer == "nmt_nfkc":  # the whitespace that nmt_nfkc does not map to a space
         assert rules.unsafe == "\x0b\x1c\x1d\x1e\x1f\x85" + SPACE_SYMBOL
@@ -114,10 +122,10 @@ def test_chunk_encoder_with_eod_and_bounded_cache(tokenizer_dir, corpus_jsonl):
     model = str(tokenizer_dir / "tokenizer.model")
     docs = random_docs(corpus_jsonl, 1000, seed=1)
     sp = spm.SentencePieceProcessor(model_file=model)
-    enc = ChunkEncoder(model, "uint16", EOD, WordRules.for_model(model).unsafe, max_words=50)
+    enc = ChunkEncoder(model, "uint16", EOD, WordRules.for_model(model), max_words=50)
     for start in range(0, len(docs), 100):
         chunk = docs[start:start + 100]
-        tokens, lengths, stats = enc(chunk)
+        tokens, lengths, stats, _ = enc(chunk)
         assert tokens.dtype == np.uint16 and tokens.tolist() == [t for d in chunk for t in sp.encode(d) + [EOD]]
         assert lengths.tolist() == [len(sp.encode(d)) + 1 for d in chunk]
         chunk_words = {w for d in chunk for w in d.split()}
@@ -142,6 +150,7 @@ def other_models(tmp_path_factory, corpus_jsonl) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("models")
     (tmp / "space-rule.tsv").write_text("3000\t20\n3000 78\t79\n20 301\t41\n")  # " \u0301" -> "A"
     (tmp / "ideographic-rule.tsv").write_text("3000\t20\n3000 78\t79\n")  # "\u3000x" -> "y"
+    (tmp / "ascii-rule.tsv").write_text("41 42\t20\n")  # "AB" -> " "
     return {
         "identity": train_spm(tmp, "identity", corpus_jsonl, model_type="bpe", normalization_rule_name="identity"),
         "no-split": train_spm(tmp, "no-split", corpus_jsonl, model_type="bpe", split_by_whitespace=False),
@@ -149,6 +158,8 @@ def other_models(tmp_path_factory, corpus_jsonl) -> dict[str, Path]:
                                 normalization_rule_tsv=str(tmp / "space-rule.tsv")),
         "ideographic-rule": train_spm(tmp, "ideographic-rule", corpus_jsonl, model_type="bpe",
                                       normalization_rule_tsv=str(tmp / "ideographic-rule.tsv")),
+        "ascii-rule": train_spm(tmp, "ascii-rule", corpus_jsonl, model_type="bpe",
+                                normalization_rule_tsv=str(tmp / "ascii-rule.tsv")),
     }
 
 
@@ -169,6 +180,24 @@ def test_separator_inside_a_normalization_rule_is_not_split(other_models, corpus
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert [sp.encode(d) for d in docs] == got
     assert "\u3000" in rules.unsafe and "\t" in rules.unsafe and " " not in rules.unsafe
+
+
+def test_new_words_are_grouped_only_when_ascii_words_normalize_to_themselves(other_models, tokenizer_dir,
+                                                                            corpus_jsonl):
+    """New printable-ASCII words go to SentencePiece 16 to a string, cut apart at pieces starting
+    with U+2581: exact only when the normalizer leaves such words alone. A rule "AB" -> " " makes
+    "xABy" two words; there every word is encoded alone, and the cache still equals SentencePiece."""
+    assert WordRules.for_model(str(tokenizer_dir / "tokenizer.model")).ascii_identity  # nmt_nfkc
+    assert WordRules.for_model(str(other_models["identity"])).ascii_identity
+    assert WordRules.for_model(str(other_models["ideographic-rule"])).ascii_identity
+    model = other_models["ascii-rule"]
+    rules = WordRules.for_model(str(model))
+    assert rules.unsafe is not None and not rules.ascii_identity
+    docs = random_docs(corpus_jsonl, 500, seed=4) + ["xABy z", "AB", "ABAB cd", "qAB rABs", "A B AB"]
+    got, cache, _ = cached_encode(model, docs, chunk=100)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert got == [sp.encode(d) for d in docs]
+    assert cache._group == 1
 
 
 def test_unigram_preprocess_is_encoded_whole(tmp_path, corpus_jsonl):

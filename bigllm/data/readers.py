@@ -24,8 +24,9 @@ from __future__ import annotations
 import gzip
 import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from bigllm.errors import DataError
 
@@ -115,21 +116,73 @@ def _decode(raw: bytes, where: str, skip_bad: bool, stats: ReadStats) -> str | N
 
 def _iter_jsonl(path: Path, key: str, skip_bad: bool, stats: ReadStats) -> Iterator[str]:
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines carry no record (common at the end of files)
-            where = f"{path}:{lineno}"
-            line = _decode(raw, where, skip_bad, stats)
-            if line is None:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _bad(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", skip_bad, stats)
-                continue
-            text = _field(obj, key, where, skip_bad, stats)
-            if text is not None:
-                yield text
+        yield from _jsonl_records(f, path, 1, key, skip_bad, stats)
+
+
+def _jsonl_records(lines: Iterable[bytes], path: Path | str, first_line: int, key: str, skip_bad: bool,
+                   stats: ReadStats) -> Iterator[str]:
+    """The `key` values of jsonl `lines` (raw bytes; the first is line `first_line` of `path`)."""
+    for lineno, raw in enumerate(lines, start=first_line):
+        if not raw.strip():
+            continue  # blank lines carry no record (common at the end of files)
+        where = f"{path}:{lineno}"
+        line = _decode(raw, where, skip_bad, stats)
+        if line is None:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _bad(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", skip_bad, stats)
+            continue
+        text = _field(obj, key, where, skip_bad, stats)
+        if text is not None:
+            yield text
+
+
+class JsonlChunk(NamedTuple):
+    """Whole lines of a jsonl input, undecoded: what `read_chunks` hands to a worker process,
+    so that decoding and JSON parsing happen there, not in the process that reads the file."""
+
+    path: str
+    first_line: int
+    data: bytes
+
+    def documents(self, key: str, skip_bad: bool) -> tuple[list[str], ReadStats]:
+        """The chunk's non-empty documents and what was counted, exactly as `iter_documents` reads
+        these lines. One decode and one `json.loads` a line when every line is a regular record;
+        otherwise the lines are read again one by one, for the located error or skip."""
+        stats = ReadStats()
+        try:
+            loads = json.loads
+            texts = [loads(line)[key] for line in self.data.decode("utf-8").split("\n") if line]
+            regular = all(type(t) is str for t in texts)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+            regular = False
+        if not regular:
+            lines = self.data.split(b"\n")
+            texts = list(_jsonl_records(lines, self.path, self.first_line, key, skip_bad, stats))
+        docs = [t for t in texts if t and not t.isspace()]
+        stats.empty += len(texts) - len(docs)
+        stats.docs += len(docs)
+        return docs, stats
+
+
+def read_chunks(paths: list[str], size: int, json_key: str = "text", skip_bad: bool = False,
+                stats: ReadStats | None = None) -> Iterator[list[str] | JsonlChunk]:
+    """The inputs in chunks of `size` records: a `JsonlChunk` of `size` lines for jsonl, read as
+    bytes and parsed by whoever calls `documents`; a list of documents for the other formats
+    (counted into `stats` here)."""
+    for path in paths:
+        if input_format(path) == "jsonl":
+            with _open_binary(Path(path)) as f:
+                first = 1
+                while lines := list(islice(f, size)):
+                    yield JsonlChunk(str(path), first, b"".join(lines))
+                    first += len(lines)
+            continue
+        docs = iter_documents(path, json_key, skip_bad, stats)
+        while chunk := list(islice(docs, size)):
+            yield chunk
 
 
 def _field(obj, key: str, where: str, skip_bad: bool, stats: ReadStats) -> str | None:
