@@ -24,16 +24,17 @@ the best of `--trials` alternating runs is kept (the median is printed too). Tok
 (all processes of a run, over the same span) is printed as well: other load on the machine moves
 it far less than wall time. The shards must be byte-identical, on both corpora.
 
-Where the time goes (small corpus: 5,799 documents, 689k tokens, vocab 8000; CPU seconds, which
-other load on a shared machine inflates by up to 1.5x, so only side-by-side ratios are firm).
-Encoding in one process: SentencePiece on whole documents 0.52-0.60 s. With the word cache
-0.28 s: SentencePiece on the 12% of words not yet cached 0.12 s, str.split and set/dict work
-0.08 s, joining cached token bytes and EOD 0.06 s, finding documents with unusual whitespace
-0.01 s. A whole run, all processes: baseline 0.69-0.83 s, bigllm 0.32-0.38 s (its main process:
-JSON 0.07 s, pool start/stop 0.04 s, writing 0.02 s). The cache costs SentencePiece's price for
-each distinct word plus a split, a look-up and a copy per word (0.2-0.5 us, against ~1 us a word
-for SentencePiece), so the gain grows with the hit rate but levels off: about 2x on 3 MB of
-unique text (88% hits), 2.2x on 30 MB (91%), 2.7x on the repeated corpus (95-99%).
+Where the time goes (the 30 MB corpus, one worker's half of it: 2.09M words; seconds of one core,
+which other load on this shared machine inflates by up to 1.5x, so only side-by-side ratios are
+firm). SentencePiece on the whole documents: about 3.2 s. bigllm's worker: 1.5 s, of which
+SentencePiece on the 8.7% of words not cached yet 0.52 s (2.9 us each: new words are the long,
+rare ones; 16 to a string, a third cheaper than one by one), cutting those results into
+words and caching them 0.1 s, one dict look-up per word 0.33 s, str.split 0.10 s, joining the
+token bytes 0.07 s, joining the chunk and scanning it for unusual whitespace 0.07 s, JSON 0.14 s.
+The main process reads lines, writes and starts/stops the pool: 0.28 s for the whole run. So a
+cached word costs ~0.3 us against SentencePiece's ~1.5 us, and a new word ~3 us; at 88-91% hits
+encoding is ~2.5x cheaper, and what a run adds on both sides (forking workers from a process
+that has torch loaded, ~40 ms; the two workers sharing the CPU caches) leaves 2-2.5x for a run.
 `bigllm preprocess` also keeps the ~400k objects that torch and megatron leave out of garbage
 collection during the run (each full collection otherwise costs 0.2-0.3 s a process).
 """
