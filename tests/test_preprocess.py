@@ -51,6 +51,28 @@ def test_shard_equals_direct_encoding(shard_prefix, corpus_jsonl, tokenizer_dir)
     assert docs[0].dtype == np.uint16  # vocab < 65500: megatron's optimal dtype
 
 
+def test_chunk_write_equals_one_add_document_per_document(tmp_path):
+    """`_write_chunk` (one add_document a chunk, boundaries then set per document) writes the bytes
+    that megatron-core's builder writes with one call per document."""
+    from bigllm.data.preprocess import _write_chunk
+
+    idx = indexed_dataset_module()
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 5000, n).astype(np.uint16) for n in (7, 1, 30)]
+    lengths = [np.array(x) for x in ([3, 4], [1], [10, 0, 20])]
+    for name, write in (("chunked", _write_chunk), ("per-doc", None)):
+        builder = idx.IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.uint16)
+        for tokens, lens in zip(chunks, lengths):
+            if write:
+                write(builder, tokens, lens)
+                continue
+            for doc in np.split(tokens, np.cumsum(lens)[:-1]):
+                builder.add_document(doc, [doc.size])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"chunked{ext}").read_bytes() == (tmp_path / f"per-doc{ext}").read_bytes()
+
+
 def test_worker_count_does_not_change_bytes(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
     prefix = tmp_path / "w2"
     assert run_cli("--input", corpus_jsonl, "--tokenizer", tokenizer_dir, "--output-prefix", prefix,
