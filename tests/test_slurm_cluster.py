@@ -231,6 +231,10 @@ def test_real_preemption_resumes_with_the_same_losses(slurm_env, tokenizer_dir, 
     wait_until(reached_step_3, 120, "training to reach step 3")
     run(["scancel", "--signal=USR1", "--batch", jid], slurm_env)
     wait_until(lambda: show_job(slurm_env, jid).get("Restarts") == "1", 90, "the job to be requeued")
+    # slurmd refuses a launch credential issued in the same second as the revocation of the
+    # job's previous one ("Killing non-startable batch JobId=N: Job credential revoked", seen
+    # once in a test run); SLURM's own requeue delay avoids that, StartTime=now must wait it out.
+    time.sleep(2)
     run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], slurm_env, check=False)
     wait_until(lambda: (run_dir / "status.json").exists()
                and json.loads((run_dir / "status.json").read_text())["state"] == "finished", 180,
