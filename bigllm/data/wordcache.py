@@ -284,9 +284,11 @@ class WordCache:
     def _add(self, words: list[str]) -> None:
         """Encode `words` and cache their token bytes."""
         if self._group > 1:
-            simple = [w for w in words if w.isascii() and w.isprintable()]
+            simple, other = [], []
+            for w in words:
+                (simple if w.isascii() and w.isprintable() else other).append(w)
             if simple and self._add_grouped(simple):
-                words = [w for w in words if not (w.isascii() and w.isprintable())]
+                words = other
         if words:
             typecode = self.typecode
             ids = self.sp.encode(words, num_threads=1)
