@@ -157,7 +157,8 @@ def test_jsonl_chunks_read_exactly_like_the_line_reader(tmp_path):
 
     lines = [b'{"text": "one"}', b'', b'{"text": "two\\u2028lines"}\r', b'   ', b'{"text": "  \\n "}',
              b'{"text": 7}', b'{"text": "caf\xc3\xa9"}', b'[1, 2]', b'{"other": "x"}', b'{"text": "bad \xff"}',
-             b'{"text": "last"', b'{"text": "\\u00e9t\\u00e9"}', b'"a string"', b'{"text": ""}']
+             b'{"text": "last"', b'{"text": "\\u00e9t\\u00e9"}', b'"a string"', b'{"text": ""}',
+             b'{"text": "lone \\ud800 half"}', b'{"text": "pair \\ud83d\\ude00"}']
     src = tmp_path / "mixed.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
     want_stats = ReadStats()
@@ -175,7 +176,8 @@ def test_jsonl_chunks_read_exactly_like_the_line_reader(tmp_path):
             for chunk in read_chunks([str(src)], size):
                 chunk.documents("text", False)
         assert str(error.value) == str(first_error.value)
-    assert want == ["one", "two\u2028lines", "café", "été"] and (want_stats.empty, want_stats.bad) == (2, 6)
+    assert want == ["one", "two\u2028lines", "café", "été", "pair \U0001f600"]
+    assert (want_stats.empty, want_stats.bad) == (2, 7)
     clean = tmp_path / "clean.jsonl"  # the fast path: every line a regular record
     clean.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b c", " ", "d\u2028e"]))
     (chunk,) = read_chunks([str(clean)], 10)
@@ -186,6 +188,17 @@ def test_invalid_utf8_is_an_error_or_skipped(tmp_path, tokenizer_dir):
     src = tmp_path / "u.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n')
     with pytest.raises(DataError, match=r"u\.jsonl:2: invalid UTF-8"):
+        preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), progress=False)
+    result = preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), skip_bad=True, progress=False)
+    assert (result.docs, result.stats.bad) == (2, 1)
+
+
+def test_lone_surrogate_is_an_error_or_skipped(tmp_path, tokenizer_dir):
+    """JSON can spell half of a UTF-16 pair ("\\udc00"): not Unicode, and SentencePiece cannot take
+    it; the record is named (file:line) or skipped. A whole pair is an ordinary character."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "fine \\ud83d\\ude00"}\n{"text": "half \\udc00 pair"}\n{"text": "also fine"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl:2: key 'text' holds a lone surrogate \\udc00 at character 5"):
         preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), progress=False)
     result = preprocess([str(src)], str(tokenizer_dir), str(tmp_path / "o"), skip_bad=True, progress=False)
     assert (result.docs, result.stats.bad) == (2, 1)

@@ -64,13 +64,15 @@ def random_docs(corpus_jsonl: Path, n: int, seed: int = 0) -> list[str]:
                    "long " + "x" * 100 + " words " + "漢字" * 50, "https://example.com/" + "a/b" * 40 + " again"]
 
 
-def cached_encode(model: Path, docs: list[str], max_words: int = 100_000, chunk: int = 500, eod: int | None = None):
+def cached_encode(model: Path, docs: list[str], max_words: int = 100_000, chunk: int = 500, eod: int | None = None,
+                  native: bool | None = None):
     """Encode in chunks through one cache, as a worker does; (per-document ids, cache, rules).
     With `eod`, every document must end with it (then removed)."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
     rules = WordRules.for_model(str(model))
     assert rules.unsafe is not None, rules.reason
-    cache = WordCache(sp, rules, np.int32, max_words)
+    cache = WordCache(sp, rules, np.int32, max_words, native=native)
+    assert cache.backend == {True: "C", False: "Python", None: cache.backend}[native]
     out = []
     for start in range(0, len(docs), chunk):
         tokens, lengths, _ = cache.encode(docs[start:start + chunk], eod)
@@ -97,8 +99,20 @@ def test_whitespace_table_is_complete():
     assert WHITESPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
 
 
+@pytest.fixture(params=["C", "Python"])
+def loop(request, monkeypatch) -> str:
+    """Each test that takes it runs with the C look-up loop and with the pure-Python one."""
+    from bigllm.data.native import load_wordcache
+
+    if request.param == "Python":
+        monkeypatch.setenv("BIGLLM_NO_NATIVE", "1")
+    load_wordcache.cache_clear()
+    yield request.param
+    load_wordcache.cache_clear()
+
+
 @pytest.mark.parametrize("normalizer", ["nmt_nfkc", "identity"])
-def test_fuzz_equals_sentencepiece(normalizer, tokenizer_dir, other_models, corpus_jsonl):
+def test_fuzz_equals_sentencepiece(normalizer, loop, tokenizer_dir, other_models, corpus_jsonl):
     """bigllm's tokenizer (nmt_nfkc) and one that normalizes nothing: there U+2581 stays itself, and
     a word ending in it would lose it alone (trailing-space removal) but not before a space."""
     model = tokenizer_dir / "tokenizer.model" if normalizer == "nmt_nfkc" else other_models["identity"]
@@ -107,6 +121,7 @@ def test_fuzz_equals_sentencepiece(normalizer, tokenizer_dir, other_models, corp
     # no EOD, and an EOD id (pad) other than the control id that marks document ends inside the cache
     for eod in (None, 3):
         got, cache, rules = cached_encode(model, docs, eod=eod)
+        assert cache.backend == loop
         mismatches = [d for d, g in zip(docs, got) if g != sp.encode(d)]
         assert not mismatches, f"{len(mismatches)} documents differ (eod={eod}), first: {mismatches[0]!r}"
     whole = sum(bool(set(d) & set(rules.unsafe)) for d in docs)
@@ -117,7 +132,7 @@ def test_fuzz_equals_sentencepiece(normalizer, tokenizer_dir, other_models, corp
         assert rules.unsafe == WHITESPACE.replace(" ", "") + SPACE_SYMBOL and whole < 0.8 * len(docs)
 
 
-def test_chunk_encoder_with_eod_and_bounded_cache(tokenizer_dir, corpus_jsonl):
+def test_chunk_encoder_with_eod_and_bounded_cache(loop, tokenizer_dir, corpus_jsonl):
     """Through ChunkEncoder (uint16, EOD) with a cache far smaller than the vocabulary of words."""
     model = str(tokenizer_dir / "tokenizer.model")
     docs = random_docs(corpus_jsonl, 1000, seed=1)
@@ -129,15 +144,18 @@ def test_chunk_encoder_with_eod_and_bounded_cache(tokenizer_dir, corpus_jsonl):
         assert tokens.dtype == np.uint16 and tokens.tolist() == [t for d in chunk for t in sp.encode(d) + [EOD]]
         assert lengths.tolist() == [len(sp.encode(d)) + 1 for d in chunk]
         chunk_words = {w for d in chunk for w in d.split()}
-        assert len(enc.cache) <= max(50, len(chunk_words))  # only the current chunk's words exceed it
-        assert max(map(len, enc.cache._cache)) <= MAX_WORD_CHARS
+        # only the current chunk's words (with the document separator and the placeholders of
+        # documents encoded whole) exceed the bound
+        assert len(enc.cache) <= max(50, len(chunk_words) + 1 + stats.whole_docs)
+        if loop == "Python":  # the C cache keeps long words too, within a byte bound
+            assert max(map(len, enc.cache._cache)) <= MAX_WORD_CHARS
         assert stats.encoded <= len(chunk_words) and stats.words >= stats.encoded
 
 
-def test_real_text_hit_rate_and_summary(tmp_path, tokenizer_dir, corpus_jsonl, shard_prefix):
-    result = preprocess([str(corpus_jsonl)], str(tokenizer_dir), str(tmp_path / "c"), progress=False)
+def test_real_text_hit_rate_and_summary(loop, tmp_path, tokenizer_dir, corpus_jsonl, shard_prefix):
+    result = preprocess([str(corpus_jsonl)], str(tokenizer_dir), str(tmp_path / "c"), workers=2, progress=False)
     assert result.words.hit_rate > 0.7 and result.words.whole_docs < result.docs
-    assert "word cache hit rate" in result.summary()
+    assert f"word cache ({loop}" in result.summary() and "hit rate" in result.summary()
     off = preprocess([str(corpus_jsonl)], str(tokenizer_dir), str(tmp_path / "o"), progress=False, word_cache=0)
     assert "word cache off (word_cache=0)" in off.summary()
     for prefix in (tmp_path / "c", tmp_path / "o"):
@@ -221,7 +239,7 @@ def test_cli_word_cache_flag(tmp_path, tokenizer_dir, corpus_jsonl, capsys):
         assert main(["preprocess", "--input", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir),
                      "--output-prefix", str(tmp_path / f"w{n}"), "--word-cache", str(n), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "word cache off (word_cache=0)" in out and "word cache hit rate" in out
+    assert "word cache off (word_cache=0)" in out and "hit rate" in out
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"w0{ext}").read_bytes() == (tmp_path / f"w1000{ext}").read_bytes()
     assert main(["preprocess", "--input", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir),
@@ -229,3 +247,46 @@ def test_cli_word_cache_flag(tmp_path, tokenizer_dir, corpus_jsonl, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--word-cache must be 0 (off)" in err[0]
     assert not list(tmp_path.glob("neg*"))
+
+
+def test_c_loop_builds_once_and_falls_back_without_a_compiler(tmp_path, monkeypatch, tokenizer_dir):
+    """The C loop is compiled into BIGLLM_CACHE_DIR on first use (and reused); with no working
+    compiler, or BIGLLM_NO_NATIVE, the Python loop serves, and `native=True` says why not."""
+    from bigllm.data.native import load_wordcache
+
+    model = str(tokenizer_dir / "tokenizer.model")
+    sp, rules = spm.SentencePieceProcessor(model_file=model), WordRules.for_model(model)
+    monkeypatch.setenv("BIGLLM_CACHE_DIR", str(tmp_path / "cache"))
+    load_wordcache.cache_clear()
+    lib, why = load_wordcache()
+    (built,) = (tmp_path / "cache").glob("wordcache-*.so")
+    assert lib is not None and why == "" and built.stat().st_size > 0
+    assert list((tmp_path / "cache").iterdir()) == [built]  # no temporary left behind
+    monkeypatch.setenv("BIGLLM_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    load_wordcache.cache_clear()
+    lib, why = load_wordcache()
+    assert lib is None and why.startswith("false failed") and not list((tmp_path / "other").glob("*.so"))
+    assert WordCache(sp, rules, np.int32).backend == "Python"
+    with pytest.raises(RuntimeError, match="C loop is not available: false failed"):
+        WordCache(sp, rules, np.int32, native=True)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("BIGLLM_NO_NATIVE", "1")
+    load_wordcache.cache_clear()
+    assert load_wordcache() == (None, "BIGLLM_NO_NATIVE is set")
+    load_wordcache.cache_clear()
+
+
+def test_c_cache_forgets_words_of_a_failed_chunk(tokenizer_dir, corpus_jsonl, monkeypatch):
+    """A chunk that fails after its new words were listed, before their ids arrived (say
+    SentencePiece raised), must not leave them in the cache without ids."""
+    model = str(tokenizer_dir / "tokenizer.model")
+    sp, rules = spm.SentencePieceProcessor(model_file=model), WordRules.for_model(model)
+    cache = WordCache(sp, rules, np.int32, native=True)
+    docs = random_docs(corpus_jsonl, 40, seed=5)
+    with monkeypatch.context() as patch:
+        patch.setattr(cache, "_encode_new", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            cache.encode(docs, EOD)
+    tokens, lengths, _ = cache.encode(docs, EOD)
+    assert tokens.tolist() == [t for d in docs for t in sp.encode(d) + [EOD]]

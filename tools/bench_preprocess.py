@@ -129,7 +129,7 @@ def bigllm_run(inputs: Path, tok: Path, prefix: Path, workers: int) -> dict:
                  "--output-prefix", str(prefix), "--workers", str(workers), "--no-progress"])
     found = re.search(r"(\d+) tokens in ([\d.]+) s .*, ([\d.]+) CPU s", m["stdout"])
     m.update(tokens=int(found.group(1)), seconds=float(found.group(2)), cpu_seconds=float(found.group(3)))
-    cache = re.search(r"word cache (hit rate [\d.]+%|off \([^)]*\))", m["stdout"])
+    cache = re.search(r"word cache (\(\w+[^)]*\) hit rate [\d.]+%|off \([^)]*\))", m["stdout"])
     m["cache"] = cache.group(1) if cache else "?"
     return m
 

@@ -10,8 +10,8 @@ How it stays fast and flat in memory:
   would otherwise take a third of a core from them, mostly waits;
 - worker processes encode a whole chunk, append EOD, and send back one token array + one
   lengths array per chunk. For BPE models whose pieces never cross whitespace, each worker
-  keeps a bounded cache of word -> tokens (bigllm.data.wordcache) and sends only the chunk's
-  new words to SentencePiece, in one batch call; other models (and the rare documents with
+  keeps a bounded cache of word -> tokens (bigllm.data.wordcache, its look-ups in C when a C
+  compiler is found) and sends only the chunk's new words to SentencePiece; other models (and the rare documents with
   whitespace the normalizer does not treat as a space) get one batch call for the documents;
 - at most `2 * workers` chunks are in flight (Pool.imap would read the whole corpus ahead);
 - the main process writes chunks in input order (one `add_document` call a chunk), so the bytes
@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
+from bigllm.data.native import load_wordcache
 from bigllm.data.readers import JsonlChunk, ReadStats, check_inputs, read_chunks
 from bigllm.data.wordcache import MAX_WORDS, WordCache, WordRules, WordStats
 from bigllm.errors import DataError
@@ -57,6 +58,7 @@ class PreprocessResult:
     stats: ReadStats = field(default_factory=ReadStats)
     words: WordStats | None = None  # the word cache's counts (None: nothing was encoded, e.g. a merge)
     word_cache_off: str = ""  # why the word cache was not used ('' when it was)
+    word_cache_loop: str = ""  # "C", or "Python" and why (bigllm.data.native)
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -68,8 +70,8 @@ class PreprocessResult:
         if self.words is None:
             return text
         w = self.words
-        return (f"{text}; word cache hit rate {100 * w.hit_rate:.1f}% ({w.words - w.encoded:,} of {w.words:,} "
-                f"words; {w.whole_docs} documents encoded whole)")
+        return (f"{text}; word cache ({self.word_cache_loop}) hit rate {100 * w.hit_rate:.1f}% "
+                f"({w.words - w.encoded:,} of {w.words:,} words; {w.whole_docs} documents encoded whole)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +277,9 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     start, cpu_start = time.perf_counter(), cpu_seconds()
     rules = WordRules.for_model(tok.model_path, tok.processor) if word_cache > 0 else WordRules(None, "word_cache=0")
     result.word_cache_off = rules.reason
+    if not rules.reason:  # build (first use) or load the C loop here, once, before the workers fork
+        lib, why_not = load_wordcache()
+        result.word_cache_loop = "C" if lib else f"Python: {why_not}"
     chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats)
     init_args = (tok.model_path, np.dtype(dtype).name, tok.eod if append_eod else None, rules, word_cache,
                  json_key, skip_bad)

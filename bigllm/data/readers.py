@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -33,6 +34,11 @@ from bigllm.errors import DataError
 SUPPORTED_FORMATS = ".jsonl, .jsonl.gz, .txt, .txt.gz, .parquet, or a directory saved by datasets.save_to_disk"
 # How many rows the Arrow-backed readers pull per batch (bounded memory, few Python calls).
 _ARROW_BATCH = 1000
+# JSON can spell a lone UTF-16 surrogate ("\ud800"): a str that no UTF-8 encoder (SentencePiece's
+# included) accepts. Such a record is bad input. A chunk of raw lines without the escape of one
+# ("\\u" then d8-df) cannot hold one, so only those chunks are searched record by record.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -156,6 +162,8 @@ class JsonlChunk(NamedTuple):
             loads = json.loads
             texts = [loads(line)[key] for line in self.data.decode("utf-8").split("\n") if line]
             regular = all(type(t) is str for t in texts)
+            if regular and _SURROGATE_ESCAPE.search(self.data):
+                regular = not any(map(_SURROGATE.search, texts))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
             regular = False
         if not regular:
@@ -198,6 +206,10 @@ def _field(obj, key: str, where: str, skip_bad: bool, stats: ReadStats) -> str |
     text = obj[key]
     if not isinstance(text, str):
         _bad(f"{where}: key '{key}' holds {type(text).__name__}, expected a string", skip_bad, stats)
+        return None
+    if (found := _SURROGATE.search(text)) is not None:
+        _bad(f"{where}: key '{key}' holds a lone surrogate \\u{ord(found.group()):04x} at character "
+             f"{found.start()}, which is not valid Unicode", skip_bad, stats)
         return None
     return text
 

@@ -47,6 +47,8 @@ WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 # (URLs, base64, text without spaces) are encoded but not kept, so no entry exceeds ~350 bytes.
 MAX_WORDS = 200_000
 MAX_WORD_CHARS = 64
+# The C cache keeps long words too, within this many key and id bytes per `max_words` (~32 MB).
+BYTES_PER_WORD = 160
 # New ASCII words per SentencePiece string when filling the cache (16: a third cheaper than 1 a string).
 MISS_GROUP = 16
 DOC_SEPARATOR = f" {SPACE_SYMBOL} "
@@ -200,17 +202,24 @@ class WordStats:
 
 
 class WordCache:
-    """Encodes chunks of documents word by word through a bounded cache of word -> token bytes.
+    """Encodes chunks of documents word by word through a bounded cache of word -> token ids.
 
     One chunk is one pass over one string: the documents are joined with a lone U+2581 between
     them (a "word" no document of the word path can hold), split once, and each word replaced by
-    its cached bytes; the separator's bytes are a control id (`marker`) that SentencePiece never
-    emits, so the document ends are found again in the token array. Documents that must be
-    encoded whole stand in the joined string as placeholder words ("\u2581" + index).
+    its cached ids; the separator's id is a control id (`marker`) that SentencePiece never emits,
+    so the document ends are found again in the token array. Documents that must be encoded whole
+    stand in the joined string as placeholder words ("\u2581" + a serial number).
+
+    Two implementations of the look-ups, same ids: the C loop of `_wordcache.c` (`backend` "C",
+    ~0.05 us a cached word; built on first use, see bigllm.data.native) and a dict of word ->
+    token bytes (`backend` "Python", ~0.3 us), used when no C compiler is found or with
+    `native=False`. `native=True` requires the C loop.
     """
 
-    def __init__(self, sp, rules: WordRules, dtype, max_words: int = MAX_WORDS):
+    def __init__(self, sp, rules: WordRules, dtype, max_words: int = MAX_WORDS, native: bool | None = None):
         import re
+
+        from bigllm.data.native import load_wordcache
 
         unsafe = rules.unsafe
         self.sp = sp
@@ -220,8 +229,8 @@ class WordCache:
         self.marker = control_marker(sp)
         self._has_unsafe = re.compile("[" + re.escape(unsafe) + "]").search
         self._has_other_unsafe = re.compile("[" + re.escape(unsafe.replace(SPACE_SYMBOL, "")) + "]").search
+        self._serial = count()  # placeholder numbers, never reused (the C cache keeps old entries)
         self._sentinel = array(self.typecode, [self.marker]).tobytes()
-        self._cache: dict[str, bytes] = {SPACE_SYMBOL: self._sentinel}
         # New printable-ASCII words are encoded MISS_GROUP at a time ("w1 w2 ..." in one string:
         # far fewer calls) and cut apart where a piece starts with U+2581. That is exact when the
         # normalizer leaves them alone (each normalizes to one U+2581 and itself) and "\u2581" is
@@ -231,10 +240,26 @@ class WordCache:
         pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self._word_start = np.array([p.startswith(SPACE_SYMBOL) for p in pieces], dtype=bool)
         self._group = MISS_GROUP if rules.ascii_identity and SPACE_SYMBOL in pieces else 1
+        self._lib, why = load_wordcache() if native is not False else (None, "native=False")
+        if native and self._lib is None:
+            raise RuntimeError(f"the word cache's C loop is not available: {why}")
+        self.backend = "C" if self._lib else "Python"
+        if self._lib:
+            spaces = np.array([ord(c) for c in WHITESPACE], dtype=np.uint32)
+            self._handle = self._lib.wc_new(spaces.ctypes.data, spaces.size)
+            if not self._handle:
+                raise MemoryError("word cache: cannot allocate")
+        else:
+            self._cache: dict[str, bytes] = {SPACE_SYMBOL: self._sentinel}
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            self._lib.wc_free(self._handle)
+            self._handle = None
 
     def __len__(self) -> int:
-        """Words cached (the document separator not counted)."""
-        return len(self._cache) - 1
+        """Entries cached (with the document separator, and in C old placeholders)."""
+        return self._lib.wc_size(self._handle) if self._lib else len(self._cache)
 
     def encode(self, texts: list[str], eod: int | None) -> tuple[np.ndarray, np.ndarray, WordStats]:
         """(the texts' ids concatenated, each text followed by `eod` unless None; each text's length
@@ -242,21 +267,7 @@ class WordCache:
         if not texts:
             return np.empty(0, self.dtype), np.empty(0, np.int64), WordStats()
         joined, whole = self._join(texts)
-        words = joined.split()
-        cache = self._cache
-        cache.update(whole)
-        vals = list(map(cache.get, words))  # bytes, or None for words not cached yet
-        misses = list(compress(count(), map(is_, vals, repeat(None))))
-        missing = list(set(map(words.__getitem__, misses)))
-        self._make_room(words, len(missing))
-        self._add(missing)
-        cache = self._cache
-        for i in misses:
-            vals[i] = cache[words[i]]
-        for word in chain(whole, (w for w in missing if len(w) > MAX_WORD_CHARS)):
-            del cache[word]
-        vals.append(self._sentinel)
-        tokens = np.frombuffer(b"".join(vals), dtype=self.dtype)
+        tokens, words, new = (self._lookup_c if self._lib else self._lookup_py)(joined, whole)
         ends = np.flatnonzero(tokens == self.marker)
         if ends.size != len(texts):  # cannot happen for a control id; never write a wrong split
             raise RuntimeError(f"word cache: {ends.size} document ends for {len(texts)} documents")
@@ -264,50 +275,120 @@ class WordCache:
         if eod is None:
             tokens, lengths = tokens[tokens != self.marker], lengths - 1
         elif eod != self.marker:
-            tokens = tokens.copy()
             tokens[ends] = eod
-        stats = WordStats(len(words) - len(texts) + 1 - len(whole), len(missing), len(whole))
-        return tokens, lengths, stats
+        return tokens, lengths, WordStats(words - len(texts) + 1 - len(whole), new, len(whole))
 
-    def _join(self, texts: list[str]) -> tuple[str, dict[str, bytes]]:
-        """The texts joined by " \u2581 ", and the documents to encode whole as {placeholder: bytes}."""
+    def _join(self, texts: list[str]) -> tuple[str, dict[str, list[int]]]:
+        """The texts joined by " \u2581 ", and the documents to encode whole as {placeholder: ids}."""
         joined = DOC_SEPARATOR.join(texts)
         if joined.count(SPACE_SYMBOL) == len(texts) - 1 and not self._has_other_unsafe(joined):
             return joined, {}  # the common case: one scan of the chunk
         has_unsafe = self._has_unsafe
         whole = {i: t for i, t in enumerate(texts) if has_unsafe(t)}
         ids = self.sp.encode(list(whole.values()), num_threads=1)
-        placeholders = {i: f"{SPACE_SYMBOL}{i}" for i in whole}
+        placeholders = {i: f"{SPACE_SYMBOL}{next(self._serial)}" for i in whole}
         joined = DOC_SEPARATOR.join(placeholders.get(i, t) for i, t in enumerate(texts))
-        return joined, {placeholders[i]: array(self.typecode, x).tobytes() for i, x in zip(whole, ids)}
+        return joined, {placeholders[i]: x for i, x in zip(whole, ids)}
 
-    def _add(self, words: list[str]) -> None:
-        """Encode `words` and cache their token bytes."""
-        if self._group > 1:
-            simple, other = [], []
-            for w in words:
-                (simple if w.isascii() and w.isprintable() else other).append(w)
-            if simple and self._add_grouped(simple):
-                words = other
-        if words:
-            typecode = self.typecode
-            ids = self.sp.encode(words, num_threads=1)
-            self._cache.update(zip(words, [array(typecode, x).tobytes() for x in ids]))
+    def _lookup_py(self, joined: str, whole: dict[str, list[int]]) -> tuple[np.ndarray, int, int]:
+        """(the ids of `joined`'s words, then the marker; how many words; how many were new)."""
+        words = joined.split()
+        cache = self._cache
+        cache.update((k, array(self.typecode, v).tobytes()) for k, v in whole.items())
+        vals = list(map(cache.get, words))  # bytes, or None for words not cached yet
+        misses = list(compress(count(), map(is_, vals, repeat(None))))
+        missing = list(set(map(words.__getitem__, misses)))
+        self._make_room(words, len(missing))
+        order, bounds, flat = self._encode_new(missing, {})
+        data, size = flat.astype(self.dtype).tobytes(), self.dtype.itemsize
+        cache = self._cache
+        cache.update(zip(map(missing.__getitem__, order.tolist()),
+                         map(data.__getitem__, map(slice, (bounds[:-1] * size).tolist(), (bounds[1:] * size).tolist()))))
+        for i in misses:
+            vals[i] = cache[words[i]]
+        for word in chain(whole, (w for w in missing if len(w) > MAX_WORD_CHARS)):
+            del cache[word]
+        vals.append(self._sentinel)
+        return np.frombuffer(b"".join(vals), dtype=self.dtype).copy(), len(words), len(missing)
 
-    def _add_grouped(self, words: list[str]) -> bool:
-        """Encode printable-ASCII `words` MISS_GROUP to a string; False if the pieces do not start
-        one word each (never for a model with `ascii_identity`; then the caller encodes them one
-        by one)."""
+    def _lookup_c(self, joined: str, whole: dict[str, list[int]]) -> tuple[np.ndarray, int, int]:
+        """`_lookup_py` in C: each word becomes an entry number, new words are filled in, then
+        the entries' ids are copied out."""
+        import ctypes
+
+        lib, handle, data = self._lib, self._handle, joined.encode()
+        if lib.wc_bytes(handle) > self.max_words * BYTES_PER_WORD:
+            lib.wc_clear(handle)  # the byte bound: long words (URLs, base64) fill it before max_words
+        entry = np.empty(len(data) // 2 + 2, dtype=np.uint32)
+        lib.wc_begin(handle)
+        n = lib.wc_scan(handle, data, len(data), entry.ctypes.data)
+        if n >= 0 and lib.wc_size(handle) > max(self.max_words, lib.wc_pending(handle, None, None)):
+            lib.wc_clear(handle)  # full: start again with only this chunk's words
+            lib.wc_begin(handle)
+            n = lib.wc_scan(handle, data, len(data), entry.ctypes.data)
+        if n < 0:
+            raise MemoryError("word cache: out of memory")
+        k = lib.wc_pending(handle, None, None)
+        new = 0
+        if k:
+            off, size = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int32)
+            lib.wc_pending(handle, off.ctypes.data, size.ctypes.data)
+            base = int(off[0])  # the new words' keys lie one after another at the end of the key bytes
+            blob = ctypes.string_at(lib.wc_keys(handle) + base, int(off[-1]) + int(size[-1]) - base)
+            starts = (off - base).tolist()
+            words = [blob[a:b].decode() for a, b in zip(starts, (off - base + size).tolist())]
+            given = {SPACE_SYMBOL: [self.marker], **whole}
+            order, bounds, flat = self._encode_new(words, given)
+            if lib.wc_fill(handle, k, order.ctypes.data, bounds.ctypes.data, flat.ctypes.data):
+                raise MemoryError("word cache: out of memory")
+            new = k - sum(w in given for w in words)
+        tokens = np.empty(lib.wc_count(handle, entry.ctypes.data, n) + 1, dtype=self.dtype)
+        lib.wc_emit(handle, entry.ctypes.data, n, tokens.ctypes.data, self.dtype.itemsize)
+        tokens[-1] = self.marker
+        return tokens, n, new
+
+    def _encode_new(self, words: list[str], given: dict[str, list[int]]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode `words` (those in `given` have their ids already): (the order of the words in
+        the result, as indices into `words`; bounds, len(words) + 1; all ids as int32), word
+        order[j] having ids flat[bounds[j]:bounds[j + 1]]."""
+        order, arrays, lengths, simple, other = [], [], [], [], []
+        for i, w in enumerate(words):
+            if w in given:
+                order.append(i)
+                arrays.append(np.asarray(given[w], dtype=np.int32))
+                lengths.append(len(given[w]))
+            elif self._group > 1 and w.isascii() and w.isprintable():
+                simple.append(i)
+            else:
+                other.append(i)
+        grouped = self._encode_grouped([words[i] for i in simple]) if simple else None
+        if grouped is not None:
+            flat, starts = grouped
+            order += simple
+            arrays.append(flat)
+            lengths += np.diff(starts, append=flat.size).tolist()
+        else:
+            other += simple
+        if other:
+            ids = self.sp.encode([words[i] for i in other], num_threads=1)
+            order += other
+            arrays.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32))
+            lengths += map(len, ids)
+        bounds = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
+        return np.array(order, dtype=np.int64), bounds, flat
+
+    def _encode_grouped(self, words: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Encode printable-ASCII `words` MISS_GROUP to a string: (their ids, where each word's
+        ids start); None if the pieces do not start one word each (never for a model with
+        `ascii_identity`; then the caller encodes them one by one)."""
         k = self._group
         groups = [" ".join(words[i:i + k]) for i in range(0, len(words), k)]
-        flat = np.fromiter(chain.from_iterable(self.sp.encode(groups, num_threads=1)), dtype=np.int64)
+        flat = np.fromiter(chain.from_iterable(self.sp.encode(groups, num_threads=1)), dtype=np.int32)
         starts = np.flatnonzero(self._word_start[flat])
-        if starts.size != len(words):
-            return False
-        data = flat.astype(self.dtype).tobytes()
-        offsets = (starts * self.dtype.itemsize).tolist() + [len(data)]
-        self._cache.update(zip(words, map(data.__getitem__, map(slice, offsets, offsets[1:]))))
-        return True
+        return (flat, starts) if starts.size == len(words) else None
 
     def _make_room(self, words: list[str], incoming: int) -> None:
         """Bound the cache: when full, keep only the words of the current chunk."""
