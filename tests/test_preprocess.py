@@ -73,10 +73,12 @@ def test_chunk_write_equals_one_add_document_per_document(tmp_path):
         assert (tmp_path / f"chunked{ext}").read_bytes() == (tmp_path / f"per-doc{ext}").read_bytes()
 
 
-def test_worker_count_does_not_change_bytes(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
-    prefix = tmp_path / "w2"
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_count_does_not_change_bytes(workers, tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
+    """The main process encodes every workers-th chunk, the forked ones the rest."""
+    prefix = tmp_path / f"w{workers}"
     assert run_cli("--input", corpus_jsonl, "--tokenizer", tokenizer_dir, "--output-prefix", prefix,
-                   "--workers", "2", "--chunk-docs", "64") == 0
+                   "--workers", str(workers), "--chunk-docs", "64") == 0
     assert digest(f"{prefix}.bin", f"{prefix}.idx") == digest(f"{shard_prefix}.bin", f"{shard_prefix}.idx")
 
 
@@ -225,9 +227,14 @@ def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jso
     broken = tmp_path / "broken.jsonl"
     text = Path(corpus_jsonl).read_text()
     broken.write_text(text + '{"text": oops}\n')
-    bad_line = text.count("\n") + 1  # in the last of many chunks, parsed by a worker process
-    with pytest.raises(DataError, match=rf"broken\.jsonl:{bad_line}: malformed JSON"):
-        preprocess([str(broken)], str(tokenizer_dir), str(prefix), workers=2, chunk_docs=50, progress=False)
+    bad_line = text.count("\n") + 1  # in the last of many chunks
+    # with 2 workers the main process encodes the odd chunks, a forked one the even: both fail
+    sizes = {((bad_line - 1) // size) % 2: size for size in range(40, 60)}
+    assert sorted(sizes) == [0, 1]
+    for chunk_docs in sizes.values():
+        with pytest.raises(DataError, match=rf"broken\.jsonl:{bad_line}: malformed JSON"):
+            preprocess([str(broken)], str(tokenizer_dir), str(prefix), workers=2, chunk_docs=chunk_docs,
+                       progress=False)
     assert digest(f"{prefix}.bin", f"{prefix}.idx") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "good.bin", "good.idx"]
 

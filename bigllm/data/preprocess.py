@@ -8,8 +8,8 @@ How it stays fast and flat in memory:
   (`bigllm.data.readers.read_chunks`); jsonl lines travel undecoded, so UTF-8 decoding and JSON
   parsing happen in the workers (with the same located errors) and the main process, which
   would otherwise take a third of a core from them, mostly waits;
-- worker processes encode a whole chunk, append EOD, and send back one token array + one
-  lengths array per chunk. For BPE models whose pieces never cross whitespace, each worker
+- `workers` processes (the main one and workers - 1 forked) encode a whole chunk at a time,
+  append EOD, and the forked ones send back one token array + one lengths array per chunk. For BPE models whose pieces never cross whitespace, each worker
   keeps a bounded cache of word -> tokens (bigllm.data.wordcache, its look-ups in C when a C
   compiler is found) and sends only the chunk's new words to SentencePiece; other models (and the rare documents with
   whitespace the normalizer does not treat as a space) get one batch call for the documents;
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -134,26 +135,69 @@ def _encode_in_worker(chunk: list[str] | JsonlChunk):
     return _WORKER_ENCODER(chunk)
 
 
-def _encode_in_order(chunks: Iterator[list[str] | JsonlChunk], workers: int, init_args: tuple):
-    """Yield `ChunkEncoder` results in input order, with at most 2 * workers chunks in flight."""
+@contextlib.contextmanager
+def _chunk_encoder(workers: int, init_args: tuple):
+    """A function from chunks to their `ChunkEncoder` results, in input order, with at most
+    2 * workers chunks in flight.
+
+    The main process is one of the `workers`: it forks workers - 1 encoders and encodes every
+    workers-th chunk itself, whenever it would otherwise wait (it only reads and writes, a few
+    percent of the work). One fork fewer (~10 ms from a process that has torch loaded), and no more
+    processes than encoders on the cores. The pool is stopped when the block exits (after the shard
+    is committed, if the caller enters this first: the workers' exit overlaps the index write).
+    """
     if workers <= 1:  # in-process: no pool start-up, same bytes
-        yield from map(ChunkEncoder(*init_args), chunks)
+        yield functools.partial(map, ChunkEncoder(*init_args))
         return
     import multiprocessing
 
     # fork where available: workers start in milliseconds and need no importable __main__
     # (spawn breaks under `python -` and notebooks). They only touch sentencepiece and NumPy.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
+    with multiprocessing.get_context(method).Pool(workers - 1, initializer=_init_worker, initargs=init_args) as pool:
+        here = ChunkEncoder(*init_args)  # built while the workers build theirs
+        yield functools.partial(_in_order, pool, here, workers)
+
+
+class _EncodeHere:
+    """A chunk the main process encodes itself, when `run` (no later than `get`)."""
+
+    def __init__(self, encoder: ChunkEncoder, chunk):
+        self.encoder, self.chunk, self.result = encoder, chunk, None
+
+    def ready(self) -> bool:
+        return self.result is not None
+
+    def run(self) -> None:
+        if self.result is None:
+            self.result, self.chunk = self.encoder(self.chunk), None
+
+    def get(self):
+        self.run()
+        return self.result
+
+
+def _in_order(pool, here: ChunkEncoder, workers: int, chunks: Iterator[list[str] | JsonlChunk]):
+    pending: collections.deque = collections.deque()  # AsyncResults and _EncodeHere, in input order
+
+    def oldest():
+        while not pending[0].ready():  # rather than wait, encode one of ours
+            ours = next((p for p in pending if isinstance(p, _EncodeHere) and not p.ready()), None)
+            if ours is None:
+                break
+            ours.run()
+        return pending.popleft().get()
+
+    for i, chunk in enumerate(chunks):
+        if i % workers == workers - 1:
+            pending.append(_EncodeHere(here, chunk))
+        else:
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        pool.close()  # workers exit as they finish, instead of being stopped and waited for at the end
-        while pending:
-            yield pending.popleft().get()
+        if len(pending) >= 2 * workers:
+            yield oldest()
+    pool.close()  # workers exit as they finish, instead of being stopped and waited for at the end
+    while pending:
+        yield oldest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +327,10 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats)
     init_args = (tok.model_path, np.dtype(dtype).name, tok.eod if append_eod else None, rules, word_cache,
                  json_key, skip_bad)
-    encoded = _encode_in_order(chunks, workers, init_args)
-    # closing(): on an error the generator exits at once, which terminates the worker pool.
-    with _gc_frozen(), shard_writer(output_prefix, dtype) as builder, contextlib.closing(encoded), \
+    # On an error the shard's temporaries are removed first, then the pool is stopped.
+    with _gc_frozen(), _chunk_encoder(workers, init_args) as encode, shard_writer(output_prefix, dtype) as builder, \
             _progress(progress) as bar:
-        for tokens, lengths, words, read in encoded:
+        for tokens, lengths, words, read in encode(chunks):
             _write_chunk(builder, tokens, lengths)
             result.words.add(words)
             result.stats.add(read)
