@@ -64,7 +64,7 @@ class PreprocessResult:
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         text = (f"wrote {self.output_prefix}.bin/.idx: {self.docs} documents, {self.tokens} tokens in "
-                f"{self.seconds:.2f} s ({rate:,.0f} tokens/s, {self.cpu_seconds:.2f} CPU s); "
+                f"{self.seconds:.3f} s ({rate:,.0f} tokens/s, {self.cpu_seconds:.2f} CPU s); "
                 f"skipped {self.stats.empty} empty and {self.stats.bad} bad records")
         if self.word_cache_off:
             return f"{text}; word cache off ({self.word_cache_off})"
