@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--output-prefix", required=True, help="write OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (from 'bigllm tokenizer train')")
     p.add_argument("--json-key", default="text", help="document field of jsonl/parquet/HF inputs (default: text)")
-    p.add_argument("--workers", type=int, default=1, help="encoding processes: this one and N-1 forked (output is identical for any N)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="encoding processes: this one and N-1 forked (output is identical for any N)")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                    help="do not append the end-of-document token to each document")
     p.add_argument("--skip-bad", action="store_true",

@@ -106,10 +106,19 @@ int64_t wc_bytes(const wc_t *c) { return c->keys_len + c->toks_len * (int64_t)si
 /* Whether the UTF-8 sequence at s (n bytes left, s[0] >= 0x80) is whitespace; its length in *len. */
 static int wide_space(const wc_t *c, const uint8_t *s, int64_t n, int *len) {
     uint32_t cp;
-    if (s[0] >= 0xF0 && n >= 4) { cp = (s[0] & 7u) << 18 | (s[1] & 63u) << 12 | (s[2] & 63u) << 6 | (s[3] & 63u); *len = 4; }
-    else if (s[0] >= 0xE0 && n >= 3) { cp = (s[0] & 15u) << 12 | (s[1] & 63u) << 6 | (s[2] & 63u); *len = 3; }
-    else if (s[0] >= 0xC0 && n >= 2) { cp = (s[0] & 31u) << 6 | (s[1] & 63u); *len = 2; }
-    else { *len = 1; return 0; }
+    if (s[0] >= 0xF0 && n >= 4) {
+        cp = (s[0] & 7u) << 18 | (s[1] & 63u) << 12 | (s[2] & 63u) << 6 | (s[3] & 63u);
+        *len = 4;
+    } else if (s[0] >= 0xE0 && n >= 3) {
+        cp = (s[0] & 15u) << 12 | (s[1] & 63u) << 6 | (s[2] & 63u);
+        *len = 3;
+    } else if (s[0] >= 0xC0 && n >= 2) {
+        cp = (s[0] & 31u) << 6 | (s[1] & 63u);
+        *len = 2;
+    } else {
+        *len = 1;
+        return 0;
+    }
     for (int i = 0; i < c->n_spaces; i++)
         if (c->spaces[i] == cp) return 1;
     return 0;

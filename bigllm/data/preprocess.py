@@ -8,11 +8,12 @@ How it stays fast and flat in memory:
   (`bigllm.data.readers.read_chunks`); jsonl lines travel undecoded, so UTF-8 decoding and JSON
   parsing happen in the workers (with the same located errors) and the main process, which
   would otherwise take a third of a core from them, mostly waits;
-- `workers` processes (the main one and workers - 1 forked) encode a whole chunk at a time,
-  append EOD, and the forked ones send back one token array + one lengths array per chunk. For BPE models whose pieces never cross whitespace, each worker
-  keeps a bounded cache of word -> tokens (bigllm.data.wordcache, its look-ups in C when a C
-  compiler is found) and sends only the chunk's new words to SentencePiece; other models (and the rare documents with
-  whitespace the normalizer does not treat as a space) get one batch call for the documents;
+- `workers` processes (the main one and workers - 1 forked) encode a whole chunk at a time and
+  append EOD; the forked ones send back one token array + one lengths array per chunk. For BPE
+  models whose pieces never cross whitespace, each encoder keeps a bounded cache of word ->
+  tokens (bigllm.data.wordcache, its look-ups in C when a C compiler is found) and sends only
+  the chunk's new words to SentencePiece; other models (and the rare documents with whitespace
+  the normalizer does not treat as a space) get one batch call for the documents;
 - at most `2 * workers` chunks are in flight (Pool.imap would read the whole corpus ahead);
 - the main process writes chunks in input order (one `add_document` call a chunk), so the bytes
   do not depend on `workers`;
@@ -154,7 +155,8 @@ def _chunk_encoder(workers: int, init_args: tuple):
     # fork where available: workers start in milliseconds and need no importable __main__
     # (spawn breaks under `python -` and notebooks). They only touch sentencepiece and NumPy.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers - 1, initializer=_init_worker, initargs=init_args) as pool:
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers - 1, initializer=_init_worker, initargs=init_args) as pool:
         here = ChunkEncoder(*init_args)  # built while the workers build theirs
         yield functools.partial(_in_order, pool, here, workers)
 
@@ -328,8 +330,8 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     init_args = (tok.model_path, np.dtype(dtype).name, tok.eod if append_eod else None, rules, word_cache,
                  json_key, skip_bad)
     # On an error the shard's temporaries are removed first, then the pool is stopped.
-    with _gc_frozen(), _chunk_encoder(workers, init_args) as encode, shard_writer(output_prefix, dtype) as builder, \
-            _progress(progress) as bar:
+    with _gc_frozen(), _chunk_encoder(workers, init_args) as encode, \
+            shard_writer(output_prefix, dtype) as builder, _progress(progress) as bar:
         for tokens, lengths, words, read in encode(chunks):
             _write_chunk(builder, tokens, lengths)
             result.words.add(words)

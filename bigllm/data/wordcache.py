@@ -107,7 +107,8 @@ def _spec_problem(proto) -> str:
             return f"trainer {flag}={getattr(trainer, flag)}"
     user_defined = proto.SentencePiece.USER_DEFINED
     inside = (p for p in proto.pieces if SPACE_SYMBOL in p.piece[1:])
-    user = (p for p in proto.pieces if p.type == user_defined and any(c.isspace() or c == SPACE_SYMBOL for c in p.piece))
+    user = (p for p in proto.pieces
+            if p.type == user_defined and any(c.isspace() or c == SPACE_SYMBOL for c in p.piece))
     bad = next(inside, None) or next(user, None)
     return f"piece {bad.piece!r} spans whitespace" if bad else ""
 
@@ -210,7 +211,7 @@ class WordCache:
     stand in the joined string as placeholder words ("\u2581" + a serial number).
 
     Two implementations of the look-ups, same ids: the C loop of `_wordcache.c` (`backend` "C",
-    ~0.05 us a cached word; built on first use, see bigllm.data.native) and a dict of word ->
+    ~0.1 us a word with its Python calls; built on first use, see bigllm.data.native) and a dict of word ->
     token bytes (`backend` "Python", ~0.3 us), used when no C compiler is found or with
     `native=False`. `native=True` requires the C loop.
     """
@@ -299,10 +300,10 @@ class WordCache:
         missing = list(set(map(words.__getitem__, misses)))
         self._make_room(words, len(missing))
         order, bounds, flat = self._encode_new(missing, {})
-        data, size = flat.astype(self.dtype).tobytes(), self.dtype.itemsize
+        data, cuts = flat.astype(self.dtype).tobytes(), (bounds * self.dtype.itemsize).tolist()
         cache = self._cache
-        cache.update(zip(map(missing.__getitem__, order.tolist()),
-                         map(data.__getitem__, map(slice, (bounds[:-1] * size).tolist(), (bounds[1:] * size).tolist()))))
+        pieces = map(data.__getitem__, map(slice, cuts, cuts[1:]))
+        cache.update(zip(map(missing.__getitem__, order.tolist()), pieces))
         for i in misses:
             vals[i] = cache[words[i]]
         for word in chain(whole, (w for w in missing if len(w) > MAX_WORD_CHARS)):
@@ -334,16 +335,16 @@ class WordCache:
             lib.wc_pending(handle, off.ctypes.data, size.ctypes.data)
             base = int(off[0])  # the new words' keys lie one after another at the end of the key bytes
             blob = ctypes.string_at(lib.wc_keys(handle) + base, int(off[-1]) + int(size[-1]) - base)
-            text = blob.decode()
-            if len(text) != len(blob):  # not all ASCII: byte offsets are not character offsets
-                text = blob
-            words = [text[a:b] for a, b in zip((off - base).tolist(), (off - base + size).tolist())]
-            if text is blob:
-                words = [w.decode() for w in words]
+            cuts = zip((off - base).tolist(), (off - base + size).tolist())
+            if blob.isascii():  # one decode; byte offsets are character offsets
+                text = blob.decode()
+                words = [text[a:b] for a, b in cuts]
+            else:
+                words = [blob[a:b].decode() for a, b in cuts]
             given = {SPACE_SYMBOL: [self.marker], **whole}
             order, bounds, flat = self._encode_new(words, given)
-            if lib.wc_fill(handle, k, order.ctypes.data, bounds.ctypes.data, flat.ctypes.data):
-                raise MemoryError("word cache: out of memory")
+            if (failed := lib.wc_fill(handle, k, order.ctypes.data, bounds.ctypes.data, flat.ctypes.data)):
+                raise MemoryError(f"word cache: wc_fill failed ({failed}: -1 out of memory, -2 wrong count)")
             new = k - sum(map(given.__contains__, words))
         tokens = np.empty(lib.wc_count(handle, entry.ctypes.data, n) + 1, dtype=self.dtype)
         lib.wc_emit(handle, entry.ctypes.data, n, tokens.ctypes.data, self.dtype.itemsize)
