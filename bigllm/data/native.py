@@ -2,8 +2,8 @@
 
     lib, why_not = load_wordcache()   # lib: ctypes.CDLL, or None with the reason
 
-The library is compiled once per source version (a few hundred ms with `cc -O2`) into
-`$BIGLLM_CACHE_DIR` (default `~/.cache/bigllm`), under a name that holds the source's hash, and
+The library is compiled once per source version and machine kind (a few hundred ms with
+`cc -O2`) into `$BIGLLM_CACHE_DIR` (default `~/.cache/bigllm`), under a name that holds both, and
 renamed into place when complete, so concurrent builds (several ranks, several jobs) never load a
 half-written file. Without a C compiler (or with BIGLLM_NO_NATIVE=1) the caller falls back to the
 pure-Python word cache, which gives the same tokens at about half the speed.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,13 @@ CFLAGS = ["-O2", "-shared", "-fPIC", "-std=c99"]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BIGLLM_CACHE_DIR") or Path.home() / ".cache" / "bigllm")
+    """$BIGLLM_CACHE_DIR, else ~/.cache/bigllm (a per-user temporary directory if there is no home)."""
+    if os.environ.get("BIGLLM_CACHE_DIR"):
+        return Path(os.environ["BIGLLM_CACHE_DIR"])
+    try:
+        return Path.home() / ".cache" / "bigllm"
+    except RuntimeError:  # no HOME and no password entry (some containers)
+        return Path(tempfile.gettempdir()) / f"bigllm-{os.getuid()}"
 
 
 def _build(target: Path) -> str:
@@ -61,7 +68,8 @@ def load_wordcache() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("BIGLLM_NO_NATIVE"):
         return None, "BIGLLM_NO_NATIVE is set"
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"wordcache-{digest}.so"
+    # the machine in the name: a home directory shared by nodes of different kinds (NFS) keeps one each
+    target = cache_dir() / f"wordcache-{platform.system()}-{platform.machine()}-{digest}.so".lower()
     if not target.exists():
         try:
             problem = _build(target)
@@ -69,6 +77,9 @@ def load_wordcache() -> tuple[ctypes.CDLL | None, str]:
             problem = f"cannot build in {target.parent}: {exc}"
         if problem:
             return None, problem
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:  # e.g. a file system mounted noexec
+        return None, f"cannot load {target}: {exc}"
     _declare(lib)
     return lib, ""
