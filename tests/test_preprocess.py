@@ -267,3 +267,30 @@ def test_subprocess_exit_code_and_one_line_error(tmp_path, tokenizer_dir):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bigllm preprocess: error: input") and "does not exist" in lines[0]
+
+
+def test_workers_fork_before_megatron_is_imported(tmp_path, corpus_jsonl, tokenizer_dir):
+    """In a fresh process, the forked encoders never hold megatron-core or torch (forking and
+    exiting are ~10x cheaper without them), the shard is the same, and the import's time is
+    reported apart from the run's."""
+    log = tmp_path / "modules.log"
+    code = ("import os, sys, bigllm.data.preprocess as p\n"
+            "orig = p._encode_in_worker\n"
+            "def spy(*a):\n"
+            f"    with open({str(log)!r}, 'a') as f:\n"
+            "        f.write(f\"{os.getpid()} {'megatron.core' in sys.modules} {'torch' in sys.modules}\\n\")\n"
+            "    return orig(*a)\n"
+            "p._encode_in_worker = spy\n"
+            f"r = p.preprocess([{str(corpus_jsonl)!r}], {str(tokenizer_dir)!r}, {str(tmp_path / 'f')!r}, workers=2,"
+            " chunk_docs=16, progress=False)\n"
+            "print(r.summary())\n"
+            "print('main', os.getpid(), 'megatron.core' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    main_line = out.splitlines()[-1].split()
+    assert main_line[2] == "True"  # the main process writes with megatron-core
+    seen = {tuple(line.split()) for line in log.read_text().splitlines()}
+    assert seen and all(pid != main_line[1] for pid, _, _ in seen)
+    assert {(m, t) for _, m, t in seen} == {("False", "False")}
+    assert "s importing megatron-core" in out
+    got = [d.tolist() for d in read_shard(tmp_path / "f")]
+    assert got == expected(tokenizer_dir, [t for t in corpus_texts(corpus_jsonl) if t.strip()])

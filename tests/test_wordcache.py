@@ -137,10 +137,10 @@ def test_chunk_encoder_with_eod_and_bounded_cache(loop, tokenizer_dir, corpus_js
     model = str(tokenizer_dir / "tokenizer.model")
     docs = random_docs(corpus_jsonl, 1000, seed=1)
     sp = spm.SentencePieceProcessor(model_file=model)
-    enc = ChunkEncoder(model, "uint16", EOD, WordRules.for_model(model), max_words=50)
+    enc = ChunkEncoder(model, EOD, WordRules.for_model(model), max_words=50)
     for start in range(0, len(docs), 100):
         chunk = docs[start:start + 100]
-        tokens, lengths, stats, _ = enc(chunk)
+        tokens, lengths, stats, _ = enc(chunk, "uint16")
         assert tokens.dtype == np.uint16 and tokens.tolist() == [t for d in chunk for t in sp.encode(d) + [EOD]]
         assert lengths.tolist() == [len(sp.encode(d)) + 1 for d in chunk]
         chunk_words = {w for d in chunk for w in d.split()}

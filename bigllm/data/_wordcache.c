@@ -7,7 +7,9 @@
  * words with SentencePiece -> wc_fill (their ids) -> wc_count + wc_emit (the chunk's ids).
  *
  * Layout: entries (key bytes and token ids in two arenas) and an open-addressing index of entry
- * numbers + 1 (0: empty slot), at most half full, linear probing on a 64-bit FNV-1a hash.
+ * numbers + 1 (0: empty slot), at most half full, linear probing on a 64-bit FNV-1a hash. Each key
+ * is followed by a space in its arena (no word holds one), so the new words of a chunk are one
+ * space-separated UTF-8 string for Python: one decode and one split.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -136,12 +138,13 @@ static int64_t find(wc_t *c, const uint8_t *key, int32_t len, uint64_t hash) {
 
 static int64_t add(wc_t *c, const uint8_t *key, int32_t len, uint64_t hash, int64_t slot) {
     if (grow((void **)&c->entries, &c->cap_entries, c->n_entries + 1, sizeof(entry_t)) ||
-        grow((void **)&c->keys, &c->keys_cap, c->keys_len + len, 1))
+        grow((void **)&c->keys, &c->keys_cap, c->keys_len + len + 1, 1))
         return -1;
     int64_t e = c->n_entries++;
     c->entries[e] = (entry_t){hash, c->keys_len, -1, len, 0};
     memcpy(c->keys + c->keys_len, key, (size_t)len);
-    c->keys_len += len;
+    c->keys[c->keys_len + len] = ' ';
+    c->keys_len += len + 1;
     c->index[slot] = (uint32_t)(e + 1);
     if ((uint64_t)c->n_entries * 2 > c->mask + 1 && rehash(c, (c->mask + 1) * 2)) return -1;
     return e;
@@ -176,16 +179,24 @@ int64_t wc_scan(wc_t *c, const uint8_t *text, int64_t n, uint32_t *word) {
     return n_words;
 }
 
-/* The pending (new) words: key offsets into wc_keys() and lengths (unless NULL); returns how many. */
-int64_t wc_pending(const wc_t *c, int64_t *off, int32_t *len) {
-    for (int64_t e = c->first_pending; off && e < c->n_entries; e++) {
-        off[e - c->first_pending] = c->entries[e].key_off;
-        len[e - c->first_pending] = c->entries[e].key_len;
+/* How many words are pending (new); if `printable` is not NULL, it is set for each to whether the
+ * word is printable ASCII only (bytes 0x21-0x7E: what SentencePiece may encode many to a string). */
+int64_t wc_pending(const wc_t *c, uint8_t *printable) {
+    for (int64_t e = c->first_pending; printable && e < c->n_entries; e++) {
+        const uint8_t *k = c->keys + c->entries[e].key_off;
+        uint8_t ok = 1;
+        for (int32_t j = 0; j < c->entries[e].key_len; j++) ok &= (uint8_t)(k[j] - 0x21u < 0x5Eu);
+        printable[e - c->first_pending] = ok;
     }
     return c->n_entries - c->first_pending;
 }
 
-const uint8_t *wc_keys(const wc_t *c) { return c->keys; }
+/* The pending words' keys, each followed by a space (*n bytes in all). */
+const uint8_t *wc_pending_keys(const wc_t *c, int64_t *n) {
+    int64_t from = c->first_pending < c->n_entries ? c->entries[c->first_pending].key_off : c->keys_len;
+    *n = c->keys_len - from;
+    return c->keys + from;
+}
 
 /* Set the ids of the n pending words: the word which[k] (0: the first pending) gets
  * ids[bounds[k]:bounds[k+1]]. */

@@ -55,7 +55,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, res, args in (("wc_new", p, [u32p, i32]), ("wc_free", None, [p]), ("wc_size", i64, [p]),
                             ("wc_begin", None, [p]), ("wc_clear", None, [p]), ("wc_bytes", i64, [p]),
                             ("wc_scan", i64, [p, ctypes.c_char_p, i64, u32p]),
-                            ("wc_pending", i64, [p, p, p]), ("wc_keys", p, [p]),
+                            ("wc_pending", i64, [p, p]), ("wc_pending_keys", p, [p, p]),
                             ("wc_fill", i32, [p, i64, p, p, p]), ("wc_count", i64, [p, u32p, i64]),
                             ("wc_emit", None, [p, u32p, i64, p, i32])):
         fn = getattr(lib, name)

@@ -9,7 +9,9 @@ How it stays fast and flat in memory:
   parsing happen in the workers (with the same located errors) and the main process, which
   would otherwise take a third of a core from them, mostly waits;
 - `workers` processes (the main one and workers - 1 forked) encode a whole chunk at a time and
-  append EOD; the forked ones send back one token array + one lengths array per chunk. For BPE
+  append EOD; the forked ones send back one token array + one lengths array per chunk. They are
+  forked before megatron-core (and torch) is imported, so each fork and exit costs ~1 ms instead
+  of ~10, and a worker holds ~50 MB instead of ~300 (the import's time is reported apart). For BPE
   models whose pieces never cross whitespace, each encoder keeps a bounded cache of word ->
   tokens (bigllm.data.wordcache, its look-ups in C when a C compiler is found) and sends only
   the chunk's new words to SentencePiece; other models (and the rare documents with whitespace
@@ -29,6 +31,7 @@ import collections
 import contextlib
 import functools
 import gc
+import multiprocessing.pool  # ctx.Pool would import it inside the timed run
 import os
 import sys
 import time
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
 
 from bigllm.data.native import load_wordcache
 from bigllm.data.readers import JsonlChunk, ReadStats, check_inputs, read_chunks
@@ -55,8 +60,9 @@ class PreprocessResult:
     output_prefix: str
     docs: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time, not counting `load_seconds`
     cpu_seconds: float = 0.0  # CPU time of the main process and its workers over `seconds`
+    load_seconds: float = 0.0  # importing megatron-core (and torch), if not imported yet
     stats: ReadStats = field(default_factory=ReadStats)
     words: WordStats | None = None  # the word cache's counts (None: nothing was encoded, e.g. a merge)
     word_cache_off: str = ""  # why the word cache was not used ('' when it was)
@@ -64,8 +70,9 @@ class PreprocessResult:
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        load = f" + {self.load_seconds:.1f} s importing megatron-core" if self.load_seconds >= 0.05 else ""
         text = (f"wrote {self.output_prefix}.bin/.idx: {self.docs} documents, {self.tokens} tokens in "
-                f"{self.seconds:.3f} s ({rate:,.0f} tokens/s, {self.cpu_seconds:.2f} CPU s); "
+                f"{self.seconds:.3f} s{load} ({rate:,.0f} tokens/s, {self.cpu_seconds:.2f} CPU s); "
                 f"skipped {self.stats.empty} empty and {self.stats.bad} bad records")
         if self.word_cache_off:
             return f"{text}; word cache off ({self.word_cache_off})"
@@ -84,19 +91,18 @@ class ChunkEncoder:
     """Encodes a chunk of documents into one token array plus per-document lengths.
 
     `rules` and `max_words` configure the word cache (None, or rules with `unsafe` None: no cache);
-    `json_key` and `skip_bad` are how `JsonlChunk`s are read.
+    `json_key` and `skip_bad` are how `JsonlChunk`s are read; `sp`: the model at `model_path`, if
+    already loaded. The token dtype comes with each chunk: the encoders are made, and the workers
+    forked, before megatron-core (which picks the dtype) is imported.
     """
 
-    def __init__(self, model_path: str, dtype_name: str, eod: int | None, rules: WordRules | None = None,
-                 max_words: int = MAX_WORDS, json_key: str = "text", skip_bad: bool = False):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        self.dtype = np.dtype(dtype_name)
+    def __init__(self, model_path: str, eod: int | None, rules: WordRules | None = None,
+                 max_words: int = MAX_WORDS, json_key: str = "text", skip_bad: bool = False, sp=None):
+        self.sp = sp or spm.SentencePieceProcessor(model_file=model_path)
         self.eod = eod
         self.json_key, self.skip_bad = json_key, skip_bad
         use_cache = rules is not None and rules.unsafe is not None
-        self.cache = WordCache(self.sp, rules, self.dtype, max_words) if use_cache else None
+        self.cache = WordCache(self.sp, rules, np.int32, max_words) if use_cache else None
 
     def _encode_ids(self, texts: list[str]) -> list[np.ndarray]:
         """Batch-encode to int32 arrays; NumPy output avoids building a Python int per token."""
@@ -105,20 +111,22 @@ class ChunkEncoder:
         except (TypeError, ValueError):  # sentencepiece < 0.2.1 has no NumPy output
             return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts, num_threads=1)]
 
-    def __call__(self, chunk: list[str] | JsonlChunk) -> tuple[np.ndarray, np.ndarray, WordStats, ReadStats]:
-        """(tokens of all documents concatenated, each document's length with its EOD, cache and
-        read counts); a `JsonlChunk` is parsed here first."""
+    def __call__(self, chunk: list[str] | JsonlChunk, dtype: str = "int32"
+                 ) -> tuple[np.ndarray, np.ndarray, WordStats, ReadStats]:
+        """(tokens of all documents concatenated as `dtype`, each document's length with its EOD,
+        cache and read counts); a `JsonlChunk` is parsed here first."""
         texts, read = chunk.documents(self.json_key, self.skip_bad) if isinstance(chunk, JsonlChunk) \
             else (chunk, ReadStats())
         if self.cache is not None:
-            return (*self.cache.encode(texts, self.eod), read)
+            tokens, lengths, words = self.cache.encode(texts, self.eod)
+            return tokens.astype(dtype, copy=False), lengths, words, read
         arrays = self._encode_ids(texts)
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
         if self.eod is not None:
             eod = np.array([self.eod], dtype=np.int32)
             arrays = [part for a in arrays for part in (a, eod)]
             lengths += 1
-        tokens = np.concatenate(arrays).astype(self.dtype, copy=False) if arrays else np.empty(0, self.dtype)
+        tokens = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
         return tokens, lengths, WordStats(), read
 
 
@@ -127,59 +135,59 @@ class ChunkEncoder:
 _WORKER_ENCODER: ChunkEncoder | None = None
 
 
-def _init_worker(*args) -> None:
+def _init_worker(encoder_or_args) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = ChunkEncoder(*args)
+    _WORKER_ENCODER = encoder_or_args if isinstance(encoder_or_args, ChunkEncoder) else ChunkEncoder(*encoder_or_args)
 
 
-def _encode_in_worker(chunk: list[str] | JsonlChunk):
-    return _WORKER_ENCODER(chunk)
+def _encode_in_worker(chunk: list[str] | JsonlChunk, dtype: str):
+    return _WORKER_ENCODER(chunk, dtype)
 
 
 @contextlib.contextmanager
-def _chunk_encoder(workers: int, init_args: tuple):
-    """A function from chunks to their `ChunkEncoder` results, in input order, with at most
-    2 * workers chunks in flight.
+def _chunk_encoder(workers: int, init_args: tuple, sp=None):
+    """A function from (chunks, token dtype) to the chunks' `ChunkEncoder` results, in input
+    order, with at most 2 * workers chunks in flight.
 
     The main process is one of the `workers`: it forks workers - 1 encoders and encodes every
     workers-th chunk itself, whenever it would otherwise wait (it only reads and writes, a few
-    percent of the work). One fork fewer (~10 ms from a process that has torch loaded), and no more
-    processes than encoders on the cores. The pool is stopped when the block exits (after the shard
-    is committed, if the caller enters this first: the workers' exit overlaps the index write).
+    percent of the work). One fork fewer, and no more processes than encoders on the cores. The
+    workers are forked with the main process's encoder, made here (`sp`: its SentencePiece model,
+    if loaded), so they start at once. The pool is stopped when the block exits (after the shard is
+    committed, if the caller enters this first: the workers' exit overlaps the index write).
     """
+    here = ChunkEncoder(*init_args, sp=sp)
     if workers <= 1:  # in-process: no pool start-up, same bytes
-        yield functools.partial(map, ChunkEncoder(*init_args))
+        yield lambda chunks, dtype: (here(chunk, dtype) for chunk in chunks)
         return
-    import multiprocessing
-
-    # fork where available: workers start in milliseconds and need no importable __main__
-    # (spawn breaks under `python -` and notebooks). They only touch sentencepiece and NumPy.
+    # fork where available: workers start in milliseconds, already holding the encoder, and need no
+    # importable __main__ (spawn breaks under `python -` and notebooks). They only touch
+    # sentencepiece and NumPy. Spawned workers build their encoders from `init_args`.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers - 1, initializer=_init_worker, initargs=init_args) as pool:
-        here = ChunkEncoder(*init_args)  # built while the workers build theirs
+    with ctx.Pool(workers - 1, initializer=_init_worker, initargs=(here if method == "fork" else init_args,)) as pool:
         yield functools.partial(_in_order, pool, here, workers)
 
 
 class _EncodeHere:
     """A chunk the main process encodes itself, when `run` (no later than `get`)."""
 
-    def __init__(self, encoder: ChunkEncoder, chunk):
-        self.encoder, self.chunk, self.result = encoder, chunk, None
+    def __init__(self, encoder: ChunkEncoder, chunk, dtype: str):
+        self.encoder, self.chunk, self.dtype, self.result = encoder, chunk, dtype, None
 
     def ready(self) -> bool:
         return self.result is not None
 
     def run(self) -> None:
         if self.result is None:
-            self.result, self.chunk = self.encoder(self.chunk), None
+            self.result, self.chunk = self.encoder(self.chunk, self.dtype), None
 
     def get(self):
         self.run()
         return self.result
 
 
-def _in_order(pool, here: ChunkEncoder, workers: int, chunks: Iterator[list[str] | JsonlChunk]):
+def _in_order(pool, here: ChunkEncoder, workers: int, chunks: Iterator[list[str] | JsonlChunk], dtype: str):
     pending: collections.deque = collections.deque()  # AsyncResults and _EncodeHere, in input order
 
     def oldest():
@@ -192,9 +200,9 @@ def _in_order(pool, here: ChunkEncoder, workers: int, chunks: Iterator[list[str]
 
     for i, chunk in enumerate(chunks):
         if i % workers == workers - 1:
-            pending.append(_EncodeHere(here, chunk))
+            pending.append(_EncodeHere(here, chunk, dtype))
         else:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            pending.append(pool.apply_async(_encode_in_worker, (chunk, dtype)))
         if len(pending) >= 2 * workers:
             yield oldest()
     pool.close()  # workers exit as they finish, instead of being stopped and waited for at the end
@@ -299,8 +307,6 @@ def cpu_seconds() -> float:
 
 
 def _progress(enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(desc="preprocess", unit=" docs", unit_scale=True, disable=not enabled, file=sys.stderr,
                 mininterval=1.0)
 
@@ -318,7 +324,6 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     tok = Tokenizer.load(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
     result = PreprocessResult(output_prefix=output_prefix, words=WordStats())
     start, cpu_start = time.perf_counter(), cpu_seconds()
     rules = WordRules.for_model(tok.model_path, tok.processor) if word_cache > 0 else WordRules(None, "word_cache=0")
@@ -327,22 +332,28 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
         lib, why_not = load_wordcache()
         result.word_cache_loop = "C" if lib else f"Python: {why_not}"
     chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats)
-    init_args = (tok.model_path, np.dtype(dtype).name, tok.eod if append_eod else None, rules, word_cache,
-                 json_key, skip_bad)
+    init_args = (tok.model_path, tok.eod if append_eod else None, rules, word_cache, json_key, skip_bad)
     # On an error the shard's temporaries are removed first, then the pool is stopped.
-    with _gc_frozen(), _chunk_encoder(workers, init_args) as encode, \
-            shard_writer(output_prefix, dtype) as builder, _progress(progress) as bar:
-        for tokens, lengths, words, read in encode(chunks):
-            _write_chunk(builder, tokens, lengths)
-            result.words.add(words)
-            result.stats.add(read)
-            result.docs += len(lengths)
-            result.tokens += int(tokens.size)
-            bar.update(len(lengths))
-            bar.set_postfix_str(f"{result.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-        if result.docs == 0:  # an empty shard would only fail later, inside training
-            raise DataError(f"no documents found in {', '.join(inputs)} (skipped {result.stats.empty} empty, "
-                            f"{result.stats.bad} bad); check --input and --json-key")
+    with _gc_frozen(), _chunk_encoder(workers, init_args, tok.processor) as encode:
+        # megatron-core (and torch) only now, after the fork: forking a process that holds them
+        # costs ~10 ms a worker instead of ~1, and a worker's exit ~13 ms instead of ~1.5.
+        load, cpu_load = time.perf_counter(), cpu_seconds()
+        dtype = token_dtype(tok.vocab_size)
+        result.load_seconds = time.perf_counter() - load
+        start, cpu_start = start + result.load_seconds, cpu_start + cpu_seconds() - cpu_load
+        gc.freeze()  # their objects too (see _gc_frozen)
+        with shard_writer(output_prefix, dtype) as builder, _progress(progress) as bar:
+            for tokens, lengths, words, read in encode(chunks, np.dtype(dtype).name):
+                _write_chunk(builder, tokens, lengths)
+                result.words.add(words)
+                result.stats.add(read)
+                result.docs += len(lengths)
+                result.tokens += int(tokens.size)
+                bar.update(len(lengths))
+                bar.set_postfix_str(f"{result.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+            if result.docs == 0:  # an empty shard would only fail later, inside training
+                raise DataError(f"no documents found in {', '.join(inputs)} (skipped {result.stats.empty} empty, "
+                                f"{result.stats.bad} bad); check --input and --json-key")
     result.seconds = time.perf_counter() - start
     result.cpu_seconds = cpu_seconds() - cpu_start  # the pool's workers have exited and been joined
     return result

@@ -30,6 +30,8 @@ tests/test_wordcache.py compares the cache with SentencePiece on thousands of ra
 
 from __future__ import annotations
 
+import ctypes
+import re
 import struct
 from array import array
 from dataclasses import dataclass
@@ -37,6 +39,10 @@ from itertools import chain, compress, count, repeat
 from operator import is_
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from bigllm.data.native import load_wordcache
 
 SPACE_SYMBOL = "\u2581"  # SentencePiece's escaped space, "▁"
 # Every character for which str.isspace() is true, i.e. where str.split() splits (all lie below
@@ -71,9 +77,6 @@ class WordRules:
     @classmethod
     def for_model(cls, model_path: str, sp=None) -> "WordRules":
         """The rules of the model at `model_path` (`sp`: that model, if already loaded)."""
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2
-
         proto = sentencepiece_model_pb2.ModelProto()
         with open(model_path, "rb") as f:
             proto.ParseFromString(f.read())
@@ -217,10 +220,6 @@ class WordCache:
     """
 
     def __init__(self, sp, rules: WordRules, dtype, max_words: int = MAX_WORDS, native: bool | None = None):
-        import re
-
-        from bigllm.data.native import load_wordcache
-
         unsafe = rules.unsafe
         self.sp = sp
         self.dtype = np.dtype(dtype)
@@ -314,35 +313,28 @@ class WordCache:
     def _lookup_c(self, joined: str, whole: dict[str, list[int]]) -> tuple[np.ndarray, int, int]:
         """`_lookup_py` in C: each word becomes an entry number, new words are filled in, then
         the entries' ids are copied out."""
-        import ctypes
-
         lib, handle, data = self._lib, self._handle, joined.encode()
         if lib.wc_bytes(handle) > self.max_words * BYTES_PER_WORD:
             lib.wc_clear(handle)  # the byte bound: long words (URLs, base64) fill it before max_words
         entry = np.empty(len(data) // 2 + 2, dtype=np.uint32)
         lib.wc_begin(handle)
         n = lib.wc_scan(handle, data, len(data), entry.ctypes.data)
-        if n >= 0 and lib.wc_size(handle) > max(self.max_words, lib.wc_pending(handle, None, None)):
+        if n >= 0 and lib.wc_size(handle) > max(self.max_words, lib.wc_pending(handle, None)):
             lib.wc_clear(handle)  # full: start again with only this chunk's words
             lib.wc_begin(handle)
             n = lib.wc_scan(handle, data, len(data), entry.ctypes.data)
         if n < 0:
             raise MemoryError("word cache: out of memory")
-        k = lib.wc_pending(handle, None, None)
+        k = lib.wc_pending(handle, None)
         new = 0
         if k:
-            off, size = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int32)
-            lib.wc_pending(handle, off.ctypes.data, size.ctypes.data)
-            base = int(off[0])  # the new words' keys lie one after another at the end of the key bytes
-            blob = ctypes.string_at(lib.wc_keys(handle) + base, int(off[-1]) + int(size[-1]) - base)
-            cuts = zip((off - base).tolist(), (off - base + size).tolist())
-            if blob.isascii():  # one decode; byte offsets are character offsets
-                text = blob.decode()
-                words = [text[a:b] for a, b in cuts]
-            else:
-                words = [blob[a:b].decode() for a, b in cuts]
+            printable = np.empty(k, dtype=np.bool_)
+            lib.wc_pending(handle, printable.ctypes.data)
+            size = ctypes.c_int64()
+            keys = ctypes.string_at(lib.wc_pending_keys(handle, ctypes.byref(size)), size.value)
+            words = keys.decode().split(" ")[:-1]  # each key is followed by a space
             given = {SPACE_SYMBOL: [self.marker], **whole}
-            order, bounds, flat = self._encode_new(words, given)
+            order, bounds, flat = self._encode_new(words, given, printable)
             if (failed := lib.wc_fill(handle, k, order.ctypes.data, bounds.ctypes.data, flat.ctypes.data)):
                 raise MemoryError(f"word cache: wc_fill failed ({failed}: -1 out of memory, -2 wrong count)")
             new = k - sum(map(given.__contains__, words))
@@ -351,17 +343,21 @@ class WordCache:
         tokens[-1] = self.marker
         return tokens, n, new
 
-    def _encode_new(self, words: list[str], given: dict[str, list[int]]
+    def _encode_new(self, words: list[str], given: dict[str, list[int]], printable: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode `words` (those in `given` have their ids already): (the order of the words in
         the result, as indices into `words`; bounds, len(words) + 1; all ids as int32), word
-        order[j] having ids flat[bounds[j]:bounds[j + 1]]."""
-        order, arrays, lengths, simple, other = [], [], [], [], []
-        group = self._group > 1
-        for i, w in enumerate(words):
-            if group and w.isascii() and w.isprintable():  # the keys of `given` start with U+2581
-                simple.append(i)
-            elif w in given:
+        order[j] having ids flat[bounds[j]:bounds[j + 1]]. `printable`: whether each word is
+        printable ASCII only (computed here if None; the keys of `given` start with U+2581)."""
+        if self._group == 1:
+            printable = np.zeros(len(words), dtype=np.bool_)
+        elif printable is None:
+            printable = np.fromiter((w.isascii() and w.isprintable() for w in words), np.bool_, len(words))
+        simple = np.flatnonzero(printable).tolist()
+        order, arrays, lengths, other = [], [], [], []
+        for i in np.flatnonzero(~printable).tolist():
+            w = words[i]
+            if w in given:
                 order.append(i)
                 arrays.append(np.asarray(given[w], dtype=np.int32))
                 lengths.append(len(given[w]))
