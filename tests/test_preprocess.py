@@ -186,6 +186,43 @@ def test_jsonl_chunks_read_exactly_like_the_line_reader(tmp_path):
     assert chunk.documents("text", False) == (["a", "b c", "d\u2028e"], ReadStats(docs=3, empty=1))
 
 
+def test_chunks_shrink_toward_the_end_and_read_like_the_line_reader(tmp_path, corpus_jsonl):
+    """Uncompressed jsonl chunks carry only (offset, size) and shrink toward the end of the
+    input (bytes left / spread, within [MIN_CHUNK_BYTES, max_bytes]); gzip chunks carry their
+    bytes. Either way, the documents are the line reader's, in order, across two files."""
+    from bigllm.data.readers import MIN_CHUNK_BYTES, iter_documents, read_chunks
+
+    text = Path(corpus_jsonl).read_text()
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    plain.write_text(text * 4)  # ~2 MB
+    packed.write_bytes(gzip.compress(text.encode()))
+    want = list(iter_documents(plain)) + list(iter_documents(packed))
+    chunks = list(read_chunks([str(plain), str(packed)], 10_000, max_bytes=1 << 19, spread=8))
+    ours = [c for c in chunks if c.path == str(plain)]
+    assert all(c.data is None for c in ours) and all(c.data is not None for c in chunks[len(ours):])
+    sizes = [c.size for c in ours]
+    assert [c.offset for c in ours] == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert sum(sizes) == plain.stat().st_size and len(ours) > 8
+    longest = max(map(len, text.splitlines(keepends=True)))  # a chunk ends on the line that passes its bound
+    assert sizes[0] <= (1 << 19) + longest
+    assert all(MIN_CHUNK_BYTES <= n for n in sizes[:-1]) and sizes[-2] < sizes[0] / 2  # smaller toward the end
+    got = [d for c in chunks for d in c.documents("text", False)[0]]
+    assert got == want
+
+
+def test_input_changed_during_the_run_is_an_error(tmp_path, corpus_jsonl):
+    """A chunk is read from the file by the process that parses it: if the file shrank in the
+    meantime, that is a named error, not a short document."""
+    from bigllm.data.readers import read_chunks
+
+    src = tmp_path / "c.jsonl"
+    src.write_text(Path(corpus_jsonl).read_text())
+    chunks = list(read_chunks([str(src)], 10))
+    src.write_text("")
+    with pytest.raises(DataError, match=r"c\.jsonl: the file changed while being read"):
+        chunks[-1].documents("text", False)
+
+
 def test_invalid_utf8_is_an_error_or_skipped(tmp_path, tokenizer_dir):
     src = tmp_path / "u.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n')
@@ -218,6 +255,17 @@ def test_missing_input_and_unknown_extension(tmp_path, tokenizer_dir):
         preprocess([str(tmp_path / "dir")], str(tokenizer_dir), str(tmp_path / "o"))
 
 
+def chunk_holding(path, line: int, chunk_docs: int, workers: int = 2) -> int:
+    """The number of the chunk that holds `line` of `path`, as `preprocess` chunks it."""
+    from bigllm.data.preprocess import CHUNK_BYTES
+    from bigllm.data.readers import read_chunks
+
+    for i, chunk in enumerate(read_chunks([str(path)], chunk_docs, max_bytes=CHUNK_BYTES, spread=4 * workers)):
+        if chunk.first_line + chunk.raw().count(b"\n") > line:
+            return i
+    raise AssertionError(f"no line {line} in {path}")
+
+
 def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
     """A run that dies half-way (bad line after the first chunks) leaves the old shard intact."""
     prefix = tmp_path / "good"
@@ -229,7 +277,7 @@ def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jso
     broken.write_text(text + '{"text": oops}\n')
     bad_line = text.count("\n") + 1  # in the last of many chunks
     # with 2 workers the main process encodes the odd chunks, a forked one the even: both fail
-    sizes = {((bad_line - 1) // size) % 2: size for size in range(40, 60)}
+    sizes = {chunk_holding(broken, bad_line, size) % 2: size for size in range(1, 40)}
     assert sorted(sizes) == [0, 1]
     for chunk_docs in sizes.values():
         with pytest.raises(DataError, match=rf"broken\.jsonl:{bad_line}: malformed JSON"):

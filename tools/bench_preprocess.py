@@ -18,24 +18,29 @@ is Megatron-LM's tools/preprocess_data.py method: `multiprocessing.Pool.imap(enc
 each worker parsing one JSON line and encoding ONE document, the main process calling
 `add_document` with the id list. Each run is a subprocess; peak RSS is the largest sum of RSS
 over its process tree (psutil polling), next to `ru_maxrss` of the largest single process.
-Tokens/s is measured inside each run from after its imports to the finalized index, so
-interpreter/torch start-up (the same for both) does not hide the difference; on a shared machine
-the best of `--trials` alternating runs is kept (the median is printed too; `--large-trials` on
-the 10x corpus). Peak RSS ratios use the largest peak of each side's runs. Tokens per CPU-second
-(all processes of a run, over the same span) is printed as well: other load on the machine moves
-it far less than wall time. The shards must be byte-identical, on both corpora.
+Tokens/s is measured inside each run, without the import of torch and megatron-core (~4 s here,
+the same for both): the baseline, like Megatron-LM, imports them first and starts its clock after;
+bigllm forks its encoders first and then imports them (forking a process that holds them costs ~10
+ms a worker and its exit ~13 ms, against ~1 ms), and its summary reports the import's seconds
+apart from the run's, which cover everything else (reading the tokenizer's rules, building the
+encoders, forking, encoding, writing, joining the workers). On a shared machine the best of
+`--trials` alternating runs is kept (the median is printed too; `--large-trials` on the 10x
+corpus). Peak RSS ratios use the largest peak of each side's runs. Tokens per CPU-second (all
+processes of a run, over the same span) is printed as well: other load on the machine moves it
+far less than wall time. The shards must be byte-identical, on both corpora.
 
 Where the time goes (the 30 MB corpus, one worker's half of it: 2.09M words; seconds of one core,
 which other load on this shared machine inflates by up to 1.5x, so only side-by-side ratios are
 firm). SentencePiece on the whole documents: about 2.8-3.2 s. bigllm's encoder: about 0.9 s, of
 which SentencePiece on the 9% of words not cached yet 0.44 s (~2.2 us each: new words are the
-long, rare ones; 16 to a string), the C look-up loop with its Python calls 0.23 s (~0.1 us a
-word, against ~0.3 us for the pure-Python loop, BIGLLM_NO_NATIVE=1), sorting the new words and
-cutting SentencePiece's output into words 0.15 s, JSON 0.14 s. So the new words now cost about
-half of the encoding: the ratio grows with the hit rate (4.5-4.8x at 91% on the 30 MB corpus). On
-the 3 MB corpus a run of bigllm lasts ~0.15 s, of which ~50 ms are fixed costs that the baseline
-pays too (forking from a process that has torch loaded ~10 ms a worker, a worker's exit ~12 ms,
-the tokenizer checks ~10 ms) and each encoder starts with an empty cache (88% hits): 2.7-2.9x.
+long, rare ones; 16 to a string; an identity normalizer would not make it faster), the C look-up
+loop with its Python calls 0.23 s (~0.1 us a word, against ~0.3 us for the pure-Python loop,
+BIGLLM_NO_NATIVE=1), sorting the new words and cutting SentencePiece's output into words 0.15 s,
+JSON 0.14 s. So the new words cost about half of the encoding: the ratio grows with the hit rate
+(4.2-5.0x at 91% on the 30 MB corpus). On the 3 MB corpus a run of bigllm lasts ~0.15 s: ~25 ms
+before the first chunk (the tokenizer's word rules ~10 ms, the encoder ~3 ms, forking the pool
+~6 ms) and ~110 ms of encoding on two cores (each encoder starts with an empty cache: 88% hits),
+with chunks that shrink toward the end so that both encoders finish within a few ms: 3.3-3.5x.
 `bigllm preprocess --workers N` forks N - 1 encoders and the main process is the N-th (it only
 reads and writes otherwise); the baseline, like Megatron-LM, forks N and its main process reads
 and writes. It also keeps the ~400k objects that torch and megatron leave out of garbage

@@ -22,7 +22,9 @@ def register(sub) -> None:
                    help="do not append the end-of-document token to each document")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines, missing keys and invalid UTF-8 instead of failing")
-    p.add_argument("--chunk-docs", type=int, default=1000, help="documents per worker task")
+    p.add_argument("--chunk-docs", type=int, default=None, metavar="N",
+                   help="documents per worker task, at most (default 8192; a task also ends after 1 MiB of input, "
+                   "less toward the end)")
     p.add_argument("--word-cache", type=int, default=None, metavar="N",
                    help="words each worker caches (BPE tokenizers; output is identical either way); "
                    "0 turns the cache off (default 200000)")
@@ -47,7 +49,8 @@ def run(args) -> int:
 
         result = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                             workers=args.workers, append_eod=args.append_eod, skip_bad=args.skip_bad,
-                            chunk_docs=args.chunk_docs, progress=args.progress,
+                            progress=args.progress,
+                            **({} if args.chunk_docs is None else {"chunk_docs": args.chunk_docs}),
                             **({} if args.word_cache is None else {"word_cache": args.word_cache}))
     print(result.summary())
     return 0

@@ -4,10 +4,13 @@
     # -> data/corpus.bin, data/corpus.idx, readable by IndexedDataset("data/corpus", mmap=True)
 
 How it stays fast and flat in memory:
-- the main process streams the input in chunks of `chunk_docs` records
-  (`bigllm.data.readers.read_chunks`); jsonl lines travel undecoded, so UTF-8 decoding and JSON
-  parsing happen in the workers (with the same located errors) and the main process, which
-  would otherwise take a third of a core from them, mostly waits;
+- the main process streams the input in chunks (`bigllm.data.readers.read_chunks`) of at most
+  `chunk_docs` documents and, from the document that reaches it, `chunk_bytes` of input; toward
+  the end of the input they shrink (bytes left / (4 * workers), at least 64 KiB) so that the
+  encoders finish together. jsonl lines travel undecoded, so UTF-8 decoding and JSON parsing
+  happen in the workers (with the same located errors) and the main process, which would
+  otherwise take a third of a core from them, mostly waits; from an uncompressed file a chunk is
+  only (offset, size), and its encoder reads the bytes itself;
 - `workers` processes (the main one and workers - 1 forked) encode a whole chunk at a time and
   append EOD; the forked ones send back one token array + one lengths array per chunk. They are
   forked before megatron-core (and torch) is imported, so each fork and exit costs ~1 ms instead
@@ -48,9 +51,11 @@ from bigllm.data.readers import JsonlChunk, ReadStats, check_inputs, read_chunks
 from bigllm.data.wordcache import MAX_WORDS, WordCache, WordRules, WordStats
 from bigllm.errors import DataError
 
-# Documents per worker task: big enough that SentencePiece's batch call and the IPC amortise
-# their per-call cost, small enough that in-flight memory stays a few MB.
-CHUNK_DOCS = 500
+# A worker task: at most this many documents and, from the document that reaches it, no more
+# input bytes: big enough that SentencePiece's batch call and the IPC amortise their per-call
+# cost (~100 ms of work), small enough that in-flight memory stays a few MB a worker.
+CHUNK_DOCS = 8192
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -313,10 +318,13 @@ def _progress(enabled: bool):
 
 def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: str = "text",
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
-               chunk_docs: int = CHUNK_DOCS, progress: bool = True, word_cache: int = MAX_WORDS) -> PreprocessResult:
+               chunk_docs: int = CHUNK_DOCS, progress: bool = True, word_cache: int = MAX_WORDS,
+               chunk_bytes: int = CHUNK_BYTES) -> PreprocessResult:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; see the module docstring.
 
-    `word_cache`: the most words each worker's cache holds (0 turns the cache off).
+    `word_cache`: the most words each worker's cache holds (0 turns the cache off). The result's
+    `seconds` leave out `load_seconds`, the import of megatron-core (and torch) if this process
+    had not imported it yet (~4 s here).
     """
     from bigllm.tokenizer import Tokenizer
 
@@ -331,7 +339,9 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     if not rules.reason:  # build (first use) or load the C loop here, once, before the workers fork
         lib, why_not = load_wordcache()
         result.word_cache_loop = "C" if lib else f"Python: {why_not}"
-    chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats)
+    # chunks shrink toward the end of the input, so that the encoders finish together
+    chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats, chunk_bytes,
+                         spread=4 * workers if workers > 1 else 0)
     init_args = (tok.model_path, tok.eod if append_eod else None, rules, word_cache, json_key, skip_bad)
     # On an error the shard's temporaries are removed first, then the pool is stopped.
     with _gc_frozen(), _chunk_encoder(workers, init_args, tok.processor) as encode:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 from dataclasses import dataclass
 from itertools import islice
@@ -145,29 +146,46 @@ def _jsonl_records(lines: Iterable[bytes], path: Path | str, first_line: int, ke
             yield text
 
 
+MIN_CHUNK_BYTES = 1 << 16
+
+
 class JsonlChunk(NamedTuple):
     """Whole lines of a jsonl input, undecoded: what `read_chunks` hands to a worker process,
     so that decoding and JSON parsing happen there, not in the process that reads the file."""
 
     path: str
     first_line: int
-    data: bytes
+    data: bytes | None  # None: the bytes are read from `path` at `offset` by `documents`
+    offset: int = 0
+    size: int = 0
+
+    def raw(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise DataError(f"{self.path}: the file changed while being read (expected {self.size} bytes at "
+                            f"byte {self.offset}, found {len(data)})")
+        return data
 
     def documents(self, key: str, skip_bad: bool) -> tuple[list[str], ReadStats]:
         """The chunk's non-empty documents and what was counted, exactly as `iter_documents` reads
         these lines. One decode and one `json.loads` a line when every line is a regular record;
         otherwise the lines are read again one by one, for the located error or skip."""
         stats = ReadStats()
+        data = self.raw()
         try:
             loads = json.loads
-            texts = [loads(line)[key] for line in self.data.decode("utf-8").split("\n") if line]
+            texts = [loads(line)[key] for line in data.decode("utf-8").split("\n") if line]
             regular = all(type(t) is str for t in texts)
-            if regular and _SURROGATE_ESCAPE.search(self.data):
+            if regular and _SURROGATE_ESCAPE.search(data):
                 regular = not any(map(_SURROGATE.search, texts))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
             regular = False
         if not regular:
-            lines = self.data.split(b"\n")
+            lines = data.split(b"\n")
             texts = list(_jsonl_records(lines, self.path, self.first_line, key, skip_bad, stats))
         docs = [t for t in texts if t and not t.isspace()]
         stats.empty += len(texts) - len(docs)
@@ -176,20 +194,45 @@ class JsonlChunk(NamedTuple):
 
 
 def read_chunks(paths: list[str], size: int, json_key: str = "text", skip_bad: bool = False,
-                stats: ReadStats | None = None) -> Iterator[list[str] | JsonlChunk]:
-    """The inputs in chunks of `size` records: a `JsonlChunk` of `size` lines for jsonl, read as
-    bytes and parsed by whoever calls `documents`; a list of documents for the other formats
-    (counted into `stats` here)."""
+                stats: ReadStats | None = None, max_bytes: int = 1 << 20, spread: int = 0
+                ) -> Iterator[list[str] | JsonlChunk]:
+    """The inputs in chunks of `size` records, or fewer where they reach `max_bytes` (the record
+    that reaches it ends the chunk): a `JsonlChunk` for jsonl, parsed by whoever calls
+    `documents`; a list of documents for the other formats (counted into `stats` here, their size
+    in characters).
+
+    Uncompressed jsonl chunks carry only where their lines are (the reader of the chunk reads
+    them from the file: nothing to copy between processes), and with `spread` > 0 they shrink
+    toward the end of the input, to the bytes left / `spread` (at least MIN_CHUNK_BYTES): then
+    when `spread` / 4 processes share the chunks, they finish within a small chunk of each other
+    (OpenMP's "guided" schedule).
+    """
+    plain = [str(p) for p in paths if input_format(p) == "jsonl" and not str(p).lower().endswith(".gz")]
+    left = sum(os.path.getsize(p) for p in plain)  # bytes of uncompressed jsonl not read yet
     for path in paths:
         if input_format(path) == "jsonl":
+            by_offset = str(path) in plain
             with _open_binary(Path(path)) as f:
-                first = 1
-                while lines := list(islice(f, size)):
-                    yield JsonlChunk(str(path), first, b"".join(lines))
-                    first += len(lines)
+                first, offset = 1, 0
+                # whole lines until one passes the bound (C-level), then at most `size` a chunk
+                while lines := f.readlines(max(MIN_CHUNK_BYTES, min(max_bytes, left // spread)) if by_offset
+                                           and spread else max_bytes):
+                    for i in range(0, len(lines), size):
+                        part = lines[i:i + size]
+                        n = sum(map(len, part))
+                        yield JsonlChunk(str(path), first, None, offset, n) if by_offset \
+                            else JsonlChunk(str(path), first, b"".join(part))
+                        first, offset = first + len(part), offset + n
+                        left -= n if by_offset else 0
             continue
-        docs = iter_documents(path, json_key, skip_bad, stats)
-        while chunk := list(islice(docs, size)):
+        chunk, chars = [], 0
+        for doc in iter_documents(path, json_key, skip_bad, stats):
+            chunk.append(doc)
+            chars += len(doc)
+            if len(chunk) == size or chars >= max_bytes:
+                yield chunk
+                chunk, chars = [], 0
+        if chunk:
             yield chunk
 
 

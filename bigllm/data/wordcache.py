@@ -80,10 +80,10 @@ class WordRules:
         proto = sentencepiece_model_pb2.ModelProto()
         with open(model_path, "rb") as f:
             proto.ParseFromString(f.read())
-        problem = _spec_problem(proto)
+        sp = sp or spm.SentencePieceProcessor(model_file=model_path)
+        problem = _spec_problem(proto, sp)
         if problem:
             return cls(None, problem)
-        sp = sp or spm.SentencePieceProcessor(model_file=model_path)
         if control_marker(sp) is None:
             return cls(None, "no control piece (eos, bos or pad) to mark document ends")
         in_rules = _in_longer_rules(proto.normalizer_spec.precompiled_charsmap, WHITESPACE)
@@ -95,7 +95,7 @@ class WordRules:
         return cls(unsafe, ascii_identity=_ascii_identity(proto.normalizer_spec.precompiled_charsmap, sp))
 
 
-def _spec_problem(proto) -> str:
+def _spec_problem(proto, sp) -> str:
     """Why words of this model cannot be encoded one by one ('' when they can)."""
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     if trainer.model_type != trainer.BPE:
@@ -109,11 +109,14 @@ def _spec_problem(proto) -> str:
         if getattr(trainer, flag) != want:
             return f"trainer {flag}={getattr(trainer, flag)}"
     user_defined = proto.SentencePiece.USER_DEFINED
-    inside = (p for p in proto.pieces if SPACE_SYMBOL in p.piece[1:])
-    user = (p for p in proto.pieces
-            if p.type == user_defined and any(c.isspace() or c == SPACE_SYMBOL for c in p.piece))
-    bad = next(inside, None) or next(user, None)
-    return f"piece {bad.piece!r} spans whitespace" if bad else ""
+    pieces = sp.id_to_piece(list(range(sp.get_piece_size())))  # one call: reading proto.pieces costs 2x
+    bad = None
+    if "".join(pieces).count(SPACE_SYMBOL) != sum(map(str.startswith, pieces, repeat(SPACE_SYMBOL))):
+        bad = next(p for p in pieces if SPACE_SYMBOL in p[1:])
+    elif user_defined in (types := [p.type for p in proto.pieces]):
+        bad = next((p for p, t in zip(pieces, types)
+                    if t == user_defined and any(c.isspace() or c == SPACE_SYMBOL for c in p)), None)
+    return f"piece {bad!r} spans whitespace" if bad else ""
 
 
 def _double_array(charsmap: bytes) -> tuple[np.ndarray, np.ndarray]:
