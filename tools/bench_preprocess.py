@@ -37,10 +37,10 @@ long, rare ones; 16 to a string; an identity normalizer would not make it faster
 loop with its Python calls 0.23 s (~0.1 us a word, against ~0.3 us for the pure-Python loop,
 BIGLLM_NO_NATIVE=1), sorting the new words and cutting SentencePiece's output into words 0.15 s,
 JSON 0.14 s. So the new words cost about half of the encoding: the ratio grows with the hit rate
-(4.2-5.0x at 91% on the 30 MB corpus). On the 3 MB corpus a run of bigllm lasts ~0.15 s: ~25 ms
+(4.2-5.0x at 91% on the 30 MB corpus). On the 3 MB corpus a run of bigllm lasts 0.15-0.16 s: ~25 ms
 before the first chunk (the tokenizer's word rules ~10 ms, the encoder ~3 ms, forking the pool
 ~6 ms) and ~110 ms of encoding on two cores (each encoder starts with an empty cache: 88% hits),
-with chunks that shrink toward the end so that both encoders finish within a few ms: 3.3-3.5x.
+with chunks that shrink toward the end so that both encoders finish within a few ms: 3.1-3.5x.
 `bigllm preprocess --workers N` forks N - 1 encoders and the main process is the N-th (it only
 reads and writes otherwise); the baseline, like Megatron-LM, forks N and its main process reads
 and writes. It also keeps the ~400k objects that torch and megatron leave out of garbage
