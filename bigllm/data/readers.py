@@ -215,8 +215,7 @@ def read_chunks(paths: list[str], size: int, json_key: str = "text", skip_bad: b
             with _open_binary(Path(path)) as f:
                 first, offset = 1, 0
                 # whole lines until one passes the bound (C-level), then at most `size` a chunk
-                while lines := f.readlines(max(MIN_CHUNK_BYTES, min(max_bytes, left // spread)) if by_offset
-                                           and spread else max_bytes):
+                while lines := f.readlines(_guided(left, spread, max_bytes) if by_offset else max_bytes):
                     for i in range(0, len(lines), size):
                         part = lines[i:i + size]
                         n = sum(map(len, part))
@@ -234,6 +233,12 @@ def read_chunks(paths: list[str], size: int, json_key: str = "text", skip_bad: b
                 chunk, chars = [], 0
         if chunk:
             yield chunk
+
+
+def _guided(left: int, spread: int, max_bytes: int) -> int:
+    """A chunk's byte bound with `left` bytes to go: left / spread within [MIN_CHUNK_BYTES,
+    max_bytes] (max_bytes when `spread` is 0)."""
+    return max(MIN_CHUNK_BYTES, min(max_bytes, left // spread)) if spread else max_bytes
 
 
 def _field(obj, key: str, where: str, skip_bad: bool, stats: ReadStats) -> str | None:
