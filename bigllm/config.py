@@ -95,12 +95,19 @@ class ParallelConfig:
     pp: int = 1
     # ZeRO stage of the optimizer state sharding (DeepSpeed); pp > 1 allows 0 or 1 only.
     zero_stage: Literal[0, 1, 2, 3] = 0
+    # Megatron-style sequence parallelism (needs tp > 1): between the tensor-parallel regions
+    # (norms, dropout, residuals) each tp rank holds s/tp of the sequence, which divides that
+    # activation memory by tp; all-reduces become reduce-scatter + all-gather of the same volume.
+    sequence_parallel: bool = False
     # Timeout of every collective, in seconds; a dead peer fails the run after this.
     timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it cuts the sequence over "
+                              "the tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")
         if self.pp > 1 and self.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} cannot be combined with parallel.pp={self.pp}: "
                               "DeepSpeed's pipeline engine supports ZeRO 0 or 1; set parallel.zero_stage=1")
@@ -186,6 +193,9 @@ class RunConfig:
             raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tp={p.tp}")
         if m.ffn_size % p.tp:
             raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={p.tp}")
+        if p.sequence_parallel and m.seq_length % p.tp:
+            raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp}, which "
+                              "parallel.sequence_parallel=true needs; use a multiple of tp")
         if m.num_layers < p.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
                               "pipeline stages; use more layers or fewer stages")

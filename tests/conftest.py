@@ -3,48 +3,68 @@
     corpus_jsonl   Path  ~0.5 MB jsonl {"text": ...} from tools/make_corpus.py
     tokenizer_dir  Path  SentencePiece BPE, vocab 512, trained with bigllm.tokenizer.train_tokenizer
     shard_prefix   str   corpus_jsonl preprocessed to <prefix>.bin/.idx (EOD appended)
+    tiny_run       dict  a trained TP2xPP2 checkpoint of the tiny config on a task-like corpus
+                         (its own tokenizer and shards, and held-out data): evaluation, generation,
+                         BLEU and plan tests read it (a test that writes copies it first)
 
-All three take a few seconds together and are built once per test session.
+The first three take a few seconds together; all are built once per test session.
 """
 
+import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from train_utils import base_overrides, make_corpus, make_shard, make_tokenizer, run_ok
+
 # DeepSpeed picks its CPU accelerator by itself; setting it silences the warning in every test.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-REPO = Path(__file__).resolve().parents[1]
-TEST_VOCAB = 512
 
 
 @pytest.fixture(scope="session")
 def corpus_jsonl(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_corpus.py"), "--output", str(path),
-                    "--max-mb", "0.5"], check=True, capture_output=True)
-    return path
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus_jsonl, tmp_path_factory) -> Path:
-    from bigllm.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer([str(corpus_jsonl)], out, vocab_size=TEST_VOCAB, max_sentences=20_000)
-    return out
+    return make_tokenizer(corpus_jsonl, tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def shard_prefix(corpus_jsonl, tokenizer_dir, tmp_path_factory) -> str:
-    from bigllm.data.preprocess import preprocess
+    return make_shard(corpus_jsonl, tokenizer_dir, str(tmp_path_factory.mktemp("shard") / "corpus"))
 
-    prefix = str(tmp_path_factory.mktemp("shard") / "corpus")
-    preprocess([str(corpus_jsonl)], str(tokenizer_dir), prefix, workers=1, progress=False)
-    return prefix
+
+def _task_data(base: Path) -> tuple[Path, Path, Path]:
+    """Task-like corpus -> tokenizer (vocab 320: 64-padding leaves rows to drop) -> shard; held-out jsonl."""
+    from bigllm.data.preprocess import preprocess
+    from bigllm.evaluate.quickstart import task_documents
+    from bigllm.tokenizer import train_tokenizer
+
+    docs = task_documents(400, seed=0) + [
+        "The assert statement checks a condition. Python raises AssertionError when it fails.\n" * 3] * 50
+    corpus, heldout = base / "corpus.jsonl", base / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    heldout.write_text("".join(json.dumps({"text": d}) + "\n" for d in task_documents(6, seed=9)))
+    train_tokenizer([str(corpus)], base / "tok", vocab_size=320, num_threads=1)
+    preprocess([str(corpus)], str(base / "tok"), str(base / "data" / "corpus"), workers=1, progress=False)
+    preprocess([str(heldout)], str(base / "tok"), str(base / "data" / "heldout"), workers=1, progress=False)
+    return base / "tok", base / "data" / "corpus", heldout
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """{'run', 'tok', 'prefix', 'heldout', 'heldout_prefix'}: a TP2xPP2 ZeRO-1 checkpoint, 12 steps."""
+    base = tmp_path_factory.mktemp("tiny_run")
+    tok, prefix, heldout = _task_data(base)
+    run_ok(4, base_overrides(tok, prefix, base / "run", **{
+        "train.max_steps": 12, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1,
+        "train.log_interval": 4, "train.tensorboard": "true", "data.split": "90,10,0"}))
+    return {"run": base / "run", "tok": tok, "prefix": prefix, "heldout": heldout,
+            "heldout_prefix": base / "data" / "heldout"}
 
 
 @pytest.fixture(autouse=True, scope="module")

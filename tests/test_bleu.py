@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from test_evaluate import tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +19,12 @@ PAIRS = [
 ]
 
 
-def test_bleu_equals_sacrebleu_on_written_hypotheses(tmp_path_factory, tmp_path):
+def test_bleu_equals_sacrebleu_on_written_hypotheses(tiny_run, tmp_path):
     import sacrebleu
 
     from bigllm.cli import main
 
-    tiny = tiny_run(tmp_path_factory)
+    tiny = tiny_run
     data, report = tmp_path / "pairs.jsonl", tmp_path / "report.json"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     assert main(["evaluate", "bleu", "--checkpoint", str(tiny["run"]), "--data", str(data),

@@ -120,14 +120,14 @@ def test_consolidate_every_layout_matches_single_process(runs, tmp_path):
 
 def test_consolidate_is_exact_on_the_same_layout(runs, tmp_path):
     """Merge then cut then merge: the (2,2) files round-trip bit for bit."""
-    from bigllm.convert import layout
+    from bigllm.model import structure
     from bigllm.convert.consolidate import consolidate_state
     from bigllm.convert.source import iter_canonical, open_source
 
     src = open_source(runs[(2, 2)])
     full = consolidate_state(src, progress=False)
     for name, shards in iter_canonical(src):
-        for got, want in zip(layout.split_tp(name, full[name], 2), shards):
+        for got, want in zip(structure.split_tp(name, full[name], 2), shards):
             assert torch.equal(got, want), name
 
 

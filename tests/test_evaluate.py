@@ -1,8 +1,7 @@
 """`bigllm evaluate perplexity`: the sliding windows, agreement with Hugging Face transformers,
 the CLI report, TensorBoard scalars and one-line errors.
 
-One tiny checkpoint is trained per test session (TP=2 x PP=2, 4 gloo processes, a few steps) by
-`tiny_run`; test_generate.py and test_bleu.py reuse it.
+The checkpoint is the session's `tiny_run` (conftest: TP=2 x PP=2, 4 gloo processes, 12 steps).
 """
 
 from __future__ import annotations
@@ -20,42 +19,9 @@ pytestmark = pytest.mark.slow
 REL_TOL = 1e-4
 
 
-# ----- shared data + checkpoint (built once per session, reused by the other eval modules) ------
-def _build_data(base: Path) -> tuple[Path, Path, Path]:
-    """Task-like corpus -> tokenizer -> .bin/.idx shard; held-out jsonl."""
-    from bigllm.data.preprocess import preprocess
-    from bigllm.evaluate.quickstart import task_documents
-    from bigllm.tokenizer import train_tokenizer
-
-    docs = task_documents(400, seed=0) + [
-        "The assert statement checks a condition. Python raises AssertionError when it fails.\n" * 3] * 50
-    corpus, heldout = base / "corpus.jsonl", base / "heldout.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    heldout.write_text("".join(json.dumps({"text": d}) + "\n" for d in task_documents(6, seed=9)))
-    train_tokenizer([str(corpus)], base / "tok", vocab_size=320, num_threads=1)
-    preprocess([str(corpus)], str(base / "tok"), str(base / "data" / "corpus"), workers=1, progress=False)
-    preprocess([str(heldout)], str(base / "tok"), str(base / "data" / "heldout"), workers=1, progress=False)
-    return base / "tok", base / "data" / "corpus", heldout
-
-
-def tiny_run(tmp_path_factory) -> dict:
-    """{'run', 'tok', 'prefix', 'heldout', 'heldout_prefix'}: a TP2xPP2 checkpoint of the tiny config, 12 steps."""
-    base = tmp_path_factory.getbasetemp() / "eval_tiny"
-    done = base / "DONE"
-    if not done.exists():
-        base.mkdir(parents=True, exist_ok=True)
-        tok, prefix, heldout = _build_data(base)
-        run_ok(4, base_overrides(tok, prefix, base / "run", **{
-            "train.max_steps": 12, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1,
-            "train.log_interval": 4, "train.tensorboard": "true", "data.split": "90,10,0"}))
-        done.write_text("ok")
-    return {"run": base / "run", "tok": base / "tok", "prefix": base / "data" / "corpus",
-            "heldout": base / "heldout.jsonl", "heldout_prefix": base / "data" / "heldout"}
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

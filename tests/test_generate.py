@@ -3,7 +3,7 @@ left-padded batch gives the one-by-one tokens, EOS stops a row, sampling is seed
 
 The equivalence tests use an untrained model with a large init (peaked, varied logits, so
 argmax is never a near-tie and sequences are not one repeated token); the CLI test uses the
-session's tiny checkpoint (test_evaluate.tiny_run).
+session's tiny checkpoint (conftest's tiny_run).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import pytest
 import torch
 
-from test_evaluate import tiny_run
 
 PROMPTS = [[5, 9, 14, 7, 30, 2 + 40], [11], [8, 8, 21, 60], [100, 3 + 50, 77, 12, 13, 14, 15, 16, 17]]
 
@@ -25,23 +24,29 @@ class _Tok:
 
 
 def _model(attention: str):
+    """The training model; with attention="megatron" its SDPA core attention is swapped for
+    megatron-core's local DotProductAttention (the reference the SDPA path must reproduce)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
     from bigllm.config import ModelConfig
-    from bigllm.evaluate.attention import use_sdpa
     from bigllm.evaluate.loading import LoadedLM, init_single_process
     from bigllm.model.build import CausalLM
 
     init_single_process()
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, seq_length=64,
                       init_std=0.3)
-    model = CausalLM(cfg, 128, tp=1, precision="fp32", seed=7).eval()
-    if attention == "sdpa":
-        use_sdpa(model)
+    model = CausalLM(cfg, 128, tp=1, precision="fp32", seed=3).eval()  # a seed whose greedy rows vary
+    if attention == "megatron":
+        for block in model.blocks:
+            attn = block.layer.self_attention
+            attn.core_attention = DotProductAttention(attn.config, attn.layer_number, AttnMaskType.causal, "self")
     return LoadedLM(model=model, tokenizer=_Tok(), cfg=cfg, vocab_size=128, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module", params=["sdpa", "megatron"])
 def lm(request):
-    """The same weights with torch's SDPA core attention (evaluation default) or megatron's."""
+    """The same weights with bigllm's SDPA core attention (training and evaluation) or megatron's."""
     return _model(request.param)
 
 
@@ -51,8 +56,9 @@ def test_sdpa_matches_megatron_attention():
 
     sdpa, megatron = _model("sdpa"), _model("megatron")
     x = torch.randint(4, 128, (3, 20))
+    causal = torch.ones(20, 20, dtype=torch.bool).triu_(1)[None, None]  # megatron's kernel needs it explicit
     with torch.no_grad():
-        torch.testing.assert_close(sdpa.model(x), megatron.model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sdpa.model(x), megatron.model(x, attention_mask=causal), rtol=1e-5, atol=1e-5)
     cfg = GenerationConfig(max_new_tokens=10, stop_at_eos=False)
     assert generate_ids(sdpa, PROMPTS, cfg) == generate_ids(megatron, PROMPTS, cfg)
 
@@ -117,10 +123,10 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
 
 
 @pytest.mark.slow
-def test_generate_cli(tmp_path_factory, tmp_path, capsys):
+def test_generate_cli(tiny_run, tmp_path, capsys):
     from bigllm.cli import main
 
-    tiny = tiny_run(tmp_path_factory)
+    tiny = tiny_run
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "months: march april", "id": 1}\n{"prompt": "count: 5", "id": 2}\n')
     out = tmp_path / "out.jsonl"

@@ -8,7 +8,7 @@ import pytest
 from bigllm.cli import main
 from bigllm.errors import DataError
 from bigllm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, sample_lines, train_tokenizer
-from conftest import TEST_VOCAB
+from train_utils import TEST_VOCAB
 
 
 def test_round_trip_and_byte_fallback(tokenizer_dir):

@@ -18,6 +18,29 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 TINY = ROOT / "configs" / "tiny.yaml"
+TEST_VOCAB = 512
+
+
+# ----- the session's test data (conftest's fixtures; tools/update_golden.py makes the same) --------
+def make_corpus(path: Path) -> Path:
+    """~0.5 MB of real English text (the standard library's docs) as jsonl."""
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_corpus.py"), "--output", str(path),
+                    "--max-mb", "0.5"], check=True, capture_output=True)
+    return path
+
+
+def make_tokenizer(corpus: Path, out: Path) -> Path:
+    from bigllm.tokenizer import train_tokenizer
+
+    train_tokenizer([str(corpus)], out, vocab_size=TEST_VOCAB, max_sentences=20_000)
+    return out
+
+
+def make_shard(corpus: Path, tokenizer_dir: Path, prefix: str) -> str:
+    from bigllm.data.preprocess import preprocess
+
+    preprocess([str(corpus)], str(tokenizer_dir), prefix, workers=1, progress=False)
+    return prefix
 
 
 def base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra) -> list[str]:
@@ -63,11 +86,28 @@ def run_ok(nproc: int, overrides: list[str], **kw) -> subprocess.CompletedProces
     return proc
 
 
-def train_losses(run_dir) -> dict[int, float]:
-    """step -> training loss, from RUN_DIR/train_log.jsonl."""
+def train_log(run_dir, key: str) -> dict[int, float]:
+    """step -> the logged scalar `key` (e.g. 'train/grad_norm'), from RUN_DIR/train_log.jsonl."""
     out = {}
     for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
+        if key in rec:
+            out[rec["step"]] = rec[key]
     return out
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """step -> training loss, from RUN_DIR/train_log.jsonl."""
+    return train_log(run_dir, "train/loss")
+
+
+# The parity runs: 2 warm-up steps, then 4 steps into the cosine decay (tiny.yaml's 20-step warm-up
+# would keep every compared step in the linear ramp).
+PARITY_STEPS = 6
+PARITY = {"train.max_steps": PARITY_STEPS, "optim.warmup_steps": 2}
+
+
+def parity_record(run_dir) -> dict[int, dict]:
+    """step -> {"loss", "grad_norm"}: what the parity tests and the golden file compare."""
+    losses, norms = train_losses(run_dir), train_log(run_dir, "train/grad_norm")
+    return {step: {"loss": losses[step], "grad_norm": norms[step]} for step in sorted(losses)}

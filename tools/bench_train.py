@@ -2,8 +2,8 @@
 
 Both sides run in this script's run, one process each, tp = pp = 1: `bigllm train` as a real
 subprocess (DeepSpeed engine, data pipeline, logging), and a baseline subprocess that builds the
-same `CausalLM` and trains it with torch.optim.AdamW, clipping and the same schedule on
-in-memory batches of the same shape. Steps after a warm-up are timed; runs alternate to even out
+same `CausalLM` (the same layers: SDPA attention) and trains it with torch.optim.AdamW, clipping
+and the same schedule on in-memory batches of the same shape. Steps after a warm-up are timed; runs alternate to even out
 noise, and the best of each side is compared. Target: bigllm >= 0.95x the baseline.
 
 On a GPU (`--gpu`) the model is the ~1B config in bf16 and MFU is reported against --peak-tflops.
@@ -89,7 +89,7 @@ def baseline_worker(spec: str) -> None:
     from bigllm.config import RunConfig
     from bigllm.config_loader import load_config
     from bigllm.model.build import CausalLM
-    from bigllm.model.llama import padded_vocab_size
+    from bigllm.model.structure import padded_vocab_size
     from bigllm.parallel.context import init_parallel
     from bigllm.tokenizer import Tokenizer
     from bigllm.train.engine import lr_lambda, param_groups

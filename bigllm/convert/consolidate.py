@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.convert.source import Source, check_complete, iter_canonical, open_source, run_config_from_dict
 from bigllm.errors import CheckpointError
 
@@ -33,11 +33,11 @@ def consolidate_state(src: Source, dtype: str = "fp32", progress: bool = True) -
     """Canonical name -> full tensor, in canonical order, cast to `dtype`."""
     from tqdm import tqdm
 
-    names = layout.canonical_names(src.cfg.model)
+    names = structure.canonical_names(src.cfg.model)
     merged = {}
     for name, shards in tqdm(iter_canonical(src, dtype), total=len(names), unit="tensor",
                              desc="consolidate", disable=not progress):
-        merged[name] = layout.merge_tp(name, shards).to(DTYPES[dtype]).contiguous()
+        merged[name] = structure.merge_tp(name, shards).to(DTYPES[dtype]).contiguous()
     check_complete(src, {k: tuple(v.shape) for k, v in merged.items()})
     return {name: merged[name] for name in names}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bigllm.config import ModelConfig, RunConfig
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.errors import CheckpointError
 
 HF_WEIGHTS = "model.safetensors"
@@ -61,12 +61,12 @@ def _block_to_hf(state: dict, i: int, m: ModelConfig) -> dict:
 
 def to_hf_state(state: dict, m: ModelConfig, vocab: int) -> dict:
     """Canonical state -> HF Llama names, vocabulary rows cut to `vocab` (the real size)."""
-    hf = {"model.embed_tokens.weight": state[layout.EMBED][:vocab]}
+    hf = {"model.embed_tokens.weight": state[structure.EMBED][:vocab]}
     for i in range(m.num_layers):
         hf.update(_block_to_hf(state, i, m))
-    hf["model.norm.weight"] = state[layout.FINAL_NORM]
+    hf["model.norm.weight"] = state[structure.FINAL_NORM]
     if not m.tie_embeddings:
-        hf["lm_head.weight"] = state[layout.HEAD][:vocab]
+        hf["lm_head.weight"] = state[structure.HEAD][:vocab]
     return {k: v.contiguous().clone() for k, v in hf.items()}
 
 
@@ -82,7 +82,7 @@ def from_hf_state(hf: dict, m: ModelConfig, padded_vocab: int) -> dict:
             raise CheckpointError(f"the Hugging Face weights lack '{name}'")
         return hf[name]
 
-    state = {layout.EMBED: _pad_rows(get("model.embed_tokens.weight"), padded_vocab)}
+    state = {structure.EMBED: _pad_rows(get("model.embed_tokens.weight"), padded_vocab)}
     for i in range(m.num_layers):
         src, pre = f"model.layers.{i}.", f"blocks.{i}.layer."
         state[pre + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
@@ -94,9 +94,9 @@ def from_hf_state(hf: dict, m: ModelConfig, padded_vocab: int) -> dict:
         state[pre + "mlp.linear_fc1.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"),
                                                           get(src + "mlp.up_proj.weight")])
         state[pre + "mlp.linear_fc2.weight"] = get(src + "mlp.down_proj.weight")
-    state[layout.FINAL_NORM] = get("model.norm.weight")
+    state[structure.FINAL_NORM] = get("model.norm.weight")
     if not m.tie_embeddings:
-        state[layout.HEAD] = _pad_rows(get("lm_head.weight"), padded_vocab)
+        state[structure.HEAD] = _pad_rows(get("lm_head.weight"), padded_vocab)
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -239,7 +239,7 @@ def from_hf(input_dir: str, output: str, tp: int = 1, pp: int = 1, tokenizer: st
     model = model_config_from_hf(json.loads((src / "config.json").read_text()))  # refuse before heavy imports
     hf = read_hf_weights(src)
     from bigllm.convert.native import write_run
-    from bigllm.model.llama import padded_vocab_size
+    from bigllm.model.structure import padded_vocab_size
 
     cfg = RunConfig(model=model)
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bigllm.config import RunConfig
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.train.checkpoint import META, _manifest, tag_for
 
 
@@ -51,7 +51,7 @@ def rank_optimizer(cfg: RunConfig, names: list[str], shards: dict, moments: dict
         for group, src in zip(optim["param_groups"], groups_from):
             group.update({k: v for k, v in src.items() if k != "params"})
     if moments:
-        order = layout.optimizer_order(names, shapes)
+        order = structure.optimizer_order(names, shapes)
         optim["state"] = {i: {"step": moments[n]["step"].clone(), "exp_avg": moments[n]["exp_avg"],
                               "exp_avg_sq": moments[n]["exp_avg_sq"]} for i, n in enumerate(order)}
     return optim, sched
@@ -60,7 +60,7 @@ def rank_optimizer(cfg: RunConfig, names: list[str], shards: dict, moments: dict
 def bf16_wrapped(optim: dict, names: list[str], shards: dict, step: int) -> dict:
     """AdamW state as DeepSpeed's bf16 ZeRO-0 optimizer saves it: plus fp32 masters per param group."""
     shapes = {n: tuple(shards[n].shape) for n in names}
-    order = layout.optimizer_order(names, shapes)
+    order = structure.optimizer_order(names, shapes)
     groups = [[shards[n].float() for n in order if len(shapes[n]) >= 2],
               [shards[n].float() for n in order if len(shapes[n]) < 2]]
     return {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": step, "optimizer_state_dict": optim,
@@ -82,7 +82,7 @@ def _module_dict(names: list[str], shard_of) -> OrderedDict:
     sd = OrderedDict()
     for name in names:
         sd[name] = shard_of(name)
-        extra = layout.extra_state_keys([name])
+        extra = structure.extra_state_keys([name])
         if extra:
             sd[extra[0]] = None
     return sd
@@ -96,7 +96,7 @@ class _Shards:
 
     def get(self, name: str, t: int) -> torch.Tensor:
         if name != self._name:
-            self._name, self._cuts = name, layout.split_tp(name, self.full[name], self.tp)
+            self._name, self._cuts = name, structure.split_tp(name, self.full[name], self.tp)
         return self._cuts[t]
 
 
@@ -106,8 +106,8 @@ def _moment_shards(moments: dict | None, tp: int, names: list[str], t: int) -> d
     out = {}
     for n in names:
         m = moments[n]
-        out[n] = {"step": m["step"], "exp_avg": layout.split_tp(n, m["exp_avg"], tp)[t],
-                  "exp_avg_sq": layout.split_tp(n, m["exp_avg_sq"], tp)[t]}
+        out[n] = {"step": m["step"], "exp_avg": structure.split_tp(n, m["exp_avg"], tp)[t],
+                  "exp_avg_sq": structure.split_tp(n, m["exp_avg_sq"], tp)[t]}
     return out
 
 
@@ -120,7 +120,7 @@ def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, 
     tp, pp, m = cfg.parallel.tp, cfg.parallel.pp, cfg.model
     shards = _Shards(state, tp)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    stages = [layout.canonical_names(m)] if pp == 1 else [layout.stage_names(m, pp, s) for s in range(pp)]
+    stages = [structure.canonical_names(m)] if pp == 1 else [structure.stage_names(m, pp, s) for s in range(pp)]
     for s, names in enumerate(tqdm(stages, desc="write stages", unit="stage")):
         for t in range(tp):
             local = {n: shards.get(n, t) for n in names}
@@ -137,15 +137,15 @@ def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, 
 def _write_layer_files(shards: _Shards, m, tp: int, tag_dir: Path) -> None:
     """layer_LL-model_TT-model_states.pt: each pipeline layer's local state dict per tp rank."""
     by_layer: dict[int, list[tuple[str, str]]] = {}
-    for name in layout.canonical_names(m):
-        layer, key = layout.pipeline_layer_of(name, m.num_layers)
+    for name in structure.canonical_names(m):
+        layer, key = structure.pipeline_layer_of(name, m.num_layers)
         by_layer.setdefault(layer, []).append((name, key))
     for layer, items in sorted(by_layer.items()):
         for t in range(tp):
             sd = OrderedDict()
             for name, key in items:
                 sd[key] = shards.get(name, t)
-                for extra in layout.extra_state_keys([key]):
+                for extra in structure.extra_state_keys([key]):
                     sd[extra] = None
             torch.save(sd, tag_dir / f"layer_{layer:02d}-model_{t:02d}-model_states.pt")
 

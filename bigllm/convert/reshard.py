@@ -19,24 +19,24 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.convert.consolidate import consolidate_state
 from bigllm.convert.native import write_run
-from bigllm.convert.source import Source, expected_shapes, load_weights_only, open_source
+from bigllm.convert.source import Source, load_weights_only, open_source
 from bigllm.errors import CheckpointError
 
 
 def _rank_files(src: Source) -> list[tuple[Path, list[str], int]]:
     """(mp_rank file, canonical names it optimizes, tp rank) for every model-parallel rank."""
     m = src.cfg.model
-    stages = [layout.canonical_names(m)] if src.pp == 1 else [layout.stage_names(m, src.pp, s) for s in range(src.pp)]
+    stages = [structure.canonical_names(m)] if src.pp == 1 else [structure.stage_names(m, src.pp, s) for s in range(src.pp)]
     return [(src.tag_dir / f"mp_rank_{s * src.tp + t:02d}_model_states.pt", names, t)
             for s, names in enumerate(stages) for t in range(src.tp)]
 
 
 def read_moments(src: Source) -> tuple[dict, list[dict], dict]:
     """(canonical moments {name: {step, exp_avg, exp_avg_sq}}, param-group settings, scheduler state)."""
-    shapes = expected_shapes(src.cfg, src.vocab_size)
+    shapes = structure.full_shapes(src.cfg.model, src.vocab_size)
     per_name: dict[str, dict[int, dict]] = {}
     groups, sched = None, None
     for path, names, t in _rank_files(src):
@@ -44,7 +44,7 @@ def read_moments(src: Source) -> tuple[dict, list[dict], dict]:
         optim = ckpt.get("optimizer") or {}
         optim = optim.get("optimizer_state_dict", optim)  # bf16/fp16: AdamW inside DeepSpeed's wrapper
         groups, sched = groups or optim.get("param_groups"), sched or ckpt.get("lr_scheduler")
-        order = layout.optimizer_order(names, {n: shapes[n] for n in names})
+        order = structure.optimizer_order(names, {n: shapes[n] for n in names})
         for i, name in enumerate(order):
             if i in optim.get("state", {}):
                 per_name.setdefault(name, {}).setdefault(t, optim["state"][i])  # tied copies agree
@@ -52,7 +52,7 @@ def read_moments(src: Source) -> tuple[dict, list[dict], dict]:
     for name, by_rank in per_name.items():
         states = [by_rank[t] for t in range(src.tp)]
         moments[name] = {"step": states[0]["step"],
-                         **{k: layout.merge_tp(name, [s[k] for s in states]) for k in ("exp_avg", "exp_avg_sq")}}
+                         **{k: structure.merge_tp(name, [s[k] for s in states]) for k in ("exp_avg", "exp_avg_sq")}}
     if groups is None:
         raise CheckpointError(f"checkpoint {src.tag_dir} holds no optimizer state; use --reset-optimizer")
     return moments, [{k: v for k, v in g.items() if k != "params"} for g in groups], sched
@@ -88,7 +88,7 @@ def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
     cfg.train.run_dir = str(Path(output).resolve())
     cfg.validate()
-    from bigllm.model.llama import padded_vocab_size
+    from bigllm.model.structure import padded_vocab_size
 
     if padded_vocab_size(cfg.model.vocab_size or src.meta.get("tokenizer_vocab_size") or src.vocab_size,
                          cfg.model, tp) != src.vocab_size:

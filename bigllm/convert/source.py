@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from bigllm.config import RunConfig
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.errors import CheckpointError
 
 
@@ -84,25 +84,6 @@ def open_source(path: str | Path) -> Source:
     return Source(tag_dir=tag_dir, meta=meta, cfg=run_config_from_dict(meta["config"]))
 
 
-def expected_shapes(cfg, vocab_size: int) -> dict[str, tuple]:
-    """Canonical name -> full (tp = 1) shape."""
-    m = cfg.model if isinstance(cfg, RunConfig) else cfg
-    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
-    block = {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
-             "layer.self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
-             "layer.self_attention.linear_qkv.weight": ((m.num_attention_heads + 2 * m.kv_heads) * d, h),
-             "layer.mlp.linear_fc1.weight": (2 * m.ffn_size, h), "layer.mlp.linear_fc2.weight": (h, m.ffn_size)}
-    shapes = {}
-    for name in layout.canonical_names(m):
-        if name in (layout.EMBED, layout.HEAD):
-            shapes[name] = (vocab_size, h)
-        elif name == layout.FINAL_NORM:
-            shapes[name] = (h,)
-        else:
-            shapes[name] = block[name.split(".", 2)[2]]
-    return shapes
-
-
 def _file(src: Source, name: str) -> Path:
     path = src.tag_dir / name
     if not path.is_file():
@@ -148,7 +129,7 @@ def iter_pp1(src: Source, masters: bool = False) -> Iterator[tuple[str, list[tor
 def _zero0_masters(path: Path, ckpt: dict, module: dict) -> dict:
     """name -> fp32 master: FP16_UnfusedOptimizer's `fp32_groups` follow bigllm's param-group order."""
     groups = (ckpt.get("optimizer") or {}).get("fp32_groups")
-    order = layout.optimizer_order(list(module), {n: tuple(v.shape) for n, v in module.items()})
+    order = structure.optimizer_order(list(module), {n: tuple(v.shape) for n, v in module.items()})
     flat = [tensor for group in groups or [] for tensor in group]
     if len(flat) != len(order) or any(tuple(f.shape) != tuple(module[n].shape) for f, n in zip(flat, order)):
         raise CheckpointError(f"{path} holds no fp32 master weights matching its module; use --dtype bf16")
@@ -163,7 +144,7 @@ def iter_pipeline(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
         per_rank = [_strip(load_weights_only(_file(src, f"layer_{layer:02d}-model_{t:02d}-model_states.pt")))
                     for t in range(src.tp)]
         for key in per_rank[0]:
-            yield layout.canonical_of(layer, key, n), [r[key] for r in per_rank]
+            yield structure.canonical_of(layer, key, n), [r[key] for r in per_rank]
 
 
 def iter_zero_fp32(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
@@ -191,7 +172,7 @@ def iter_canonical(src: Source, dtype: str = "fp32") -> Iterator[tuple[str, list
 
 def check_complete(src: Source, shapes_seen: dict[str, tuple]) -> None:
     """Every canonical tensor present with its expected shape, nothing unknown."""
-    expected = expected_shapes(src.cfg, src.vocab_size)
+    expected = structure.full_shapes(src.cfg.model, src.vocab_size)
     unknown = sorted(set(shapes_seen) - set(expected))
     missing = sorted(set(expected) - set(shapes_seen))
     if unknown or missing:

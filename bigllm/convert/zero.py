@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from bigllm.convert import layout
+from bigllm.model import structure
 from bigllm.convert.source import Source, load_weights_only
 from bigllm.errors import CheckpointError
 
@@ -181,10 +181,10 @@ def canonical_name(local: str, src: Source) -> str:
     if local.startswith("tied_modules."):
         _, _, attr = local.split(".", 2)
         if attr == "word_embeddings.weight":
-            return layout.EMBED
+            return structure.EMBED
         raise CheckpointError(f"unknown tied parameter {local} in {src.tag_dir}; it was not written by bigllm train")
     layer, key = local.split(".", 1)
-    return layout.canonical_of(int(layer), key, src.cfg.model.num_layers)
+    return structure.canonical_of(int(layer), key, src.cfg.model.num_layers)
 
 
 def iter_stages(src: Source, keys: tuple) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
@@ -214,8 +214,8 @@ def read_moments(src: Source) -> tuple[dict, list[dict]]:
         for name, per_tp in stage.items():
             if name not in moments:  # tied copies were updated alike
                 moments[name] = {"step": per_tp[0]["step"],
-                                 **{k: layout.merge_tp(name, [r[k] for r in per_tp]) for k in MOMENTS}}
-    names = layout.canonical_names(src.cfg.model)
+                                 **{k: structure.merge_tp(name, [r[k] for r in per_tp]) for k in MOMENTS}}
+    names = structure.canonical_names(src.cfg.model)
     missing = [n for n in names if n not in moments]
     if missing or len(moments) != len(names):
         raise CheckpointError(f"the ZeRO shards of {src.tag_dir} hold no moments for {missing[:3]} (or unknown "

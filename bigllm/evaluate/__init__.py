@@ -6,8 +6,7 @@
     report = bleu_eval(lm, pairs, GenerationConfig(max_new_tokens=32))
 
 Modules: `loading` (checkpoint -> model + tokenizer, via bigllm.convert), `perplexity`
-(sliding-window NLL), `generate` (batched decoding with megatron's KV cache), `attention`
-(torch SDPA as the inference core attention), `bleu` (sacrebleu corpus BLEU/chrF), `plot`
+(sliding-window NLL), `generate` (batched decoding with megatron's KV cache), `bleu` (sacrebleu corpus BLEU/chrF), `plot`
 (loss/lr curves), `quickstart` (the quickstart's evaluation step and task corpus), `cli`
 (handlers of `bigllm evaluate` / `bigllm generate`; bigllm/commands stays argparse-only).
 """

@@ -85,7 +85,7 @@ def perplexity_main(args) -> int:
     from bigllm.evaluate.loading import load_lm
     from bigllm.evaluate.perplexity import load_stream, perplexity
 
-    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     stream = load_stream(args.data, lm.tokenizer, args.json_key)
     seq_len = args.seq_len or lm.max_positions
     stride = args.stride or max(1, seq_len // 2)
@@ -102,7 +102,7 @@ def _parallel_perplexity_main(args) -> int:
     from bigllm.evaluate.perplexity import load_stream
     from bigllm.parallel.context import destroy_parallel
 
-    lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer, attention=args.attention)
+    lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
     try:
         stream = load_stream(args.data, lm.tokenizer, args.json_key)
         seq_len = args.seq_len or lm.cfg.model.seq_length
@@ -151,7 +151,7 @@ def generate_main(args) -> int:
 
     records = _read_prompts(args)
     cfg = _gen_config(args)
-    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     t0 = time.perf_counter()
     texts = generate_texts(lm, [r["prompt"] for r in records], cfg, progress=len(records) > cfg.batch_size)
     _say(f"generated {len(texts)} continuations in {time.perf_counter() - t0:.1f} s")
@@ -173,7 +173,7 @@ def bleu_main(args) -> int:
 
     pairs = read_pairs(args.data, args.prompt_key, args.reference_key)
     cfg = _gen_config(args)
-    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device, attention=args.attention)
+    lm = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
     scores, hyps = bleu_eval(lm, pairs, cfg, progress=not args.quiet)
     report = {"task": "bleu", **scores, "pairs": len(pairs),
               "references_per_prompt": max(len(p.references) for p in pairs),

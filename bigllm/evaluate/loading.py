@@ -154,7 +154,7 @@ def _native_weights(tag_dir: Path) -> dict:
 def _hf_weights(hf_dir: Path, config: dict) -> tuple[ModelConfig, int, dict]:
     """(ModelConfig, padded vocab, canonical state) of a Hugging Face Llama dir (bigllm convert's mapping)."""
     from bigllm.convert.hf import from_hf_state, model_config_from_hf, read_hf_weights
-    from bigllm.model.llama import padded_vocab_size
+    from bigllm.model.structure import padded_vocab_size
 
     cfg = model_config_from_hf(config)
     weights = read_hf_weights(hf_dir)
@@ -162,9 +162,8 @@ def _hf_weights(hf_dir: Path, config: dict) -> tuple[ModelConfig, int, dict]:
     return cfg, vocab, from_hf_state(weights, cfg, vocab)
 
 
-def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device,
-           attention: str = "sdpa") -> torch.nn.Module:
-    from bigllm.evaluate.attention import use_eval_kernels
+def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device) -> torch.nn.Module:
+    """The training model (tp = pp = 1, fp32) with `state` loaded: the same layers as training."""
     from bigllm.model.build import CausalLM
 
     init_single_process()
@@ -174,10 +173,6 @@ def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device,
     if missing or unexpected:
         raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    if attention == "sdpa":
-        use_eval_kernels(model)
-    elif attention != "megatron":
-        raise CheckpointError(f"attention '{attention}' is unknown; use 'sdpa' or 'megatron'")
     return model.to(device).eval()
 
 
@@ -187,8 +182,7 @@ def _device(device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def describe(kind: str, where: Path, meta: dict, tok_path, tok, cfg: ModelConfig, vocab: int,
-             attention: str) -> tuple[dict, int]:
+def describe(kind: str, where: Path, meta: dict, tok_path, tok, cfg: ModelConfig, vocab: int) -> tuple[dict, int]:
     """(provenance for reports, scored vocabulary size). Scored ids: the tokenizer's ids that have a
     row (HF exports drop the tp padding rows)."""
     real = min(tok.vocab_size, cfg.vocab_size or vocab, vocab)
@@ -196,18 +190,14 @@ def describe(kind: str, where: Path, meta: dict, tok_path, tok, cfg: ModelConfig
     info = {"format": "bigllm" if native else "huggingface", "step": meta.get("step") if native else None,
             "layout": meta.get("layout") if native else None, "checkpoint": str(Path(where).resolve()),
             "tokenizer": str(Path(tok_path).resolve()), "vocab_size": vocab, "tokenizer_vocab_size": tok.vocab_size,
-            "scored_vocab_size": real, "attention": attention}
+            "scored_vocab_size": real}
     if native:
         info["consumed_samples"] = meta.get("consumed_samples")
     return info, real
 
 
-def load_lm(path: str | Path, tokenizer: str | None = None, device=None, attention: str = "sdpa") -> LoadedLM:
-    """Model (eval mode) + tokenizer + provenance for a native checkpoint or a Hugging Face dir.
-
-    attention: 'sdpa' (torch's fused attention and a split SwiGLU matmul, see
-    bigllm.evaluate.attention) or 'megatron' (megatron-core's modules unchanged: the training kernels).
-    """
+def load_lm(path: str | Path, tokenizer: str | None = None, device=None) -> LoadedLM:
+    """Model (eval mode) + tokenizer + provenance for a native checkpoint or a Hugging Face dir."""
     kind, where, meta = resolve_checkpoint(path)
     dev = _device(device)
     if kind == "native":
@@ -218,8 +208,8 @@ def load_lm(path: str | Path, tokenizer: str | None = None, device=None, attenti
         cfg, vocab, state = _hf_weights(where, meta)
         tok_path = tokenizer or where
     tok = load_tokenizer(tok_path, where)
-    info, real = describe(kind, where, meta, tok_path, tok, cfg, vocab, attention)
-    return LoadedLM(model=_build(cfg, vocab, state, dev, attention), tokenizer=tok, cfg=cfg, vocab_size=vocab,
+    info, real = describe(kind, where, meta, tok_path, tok, cfg, vocab)
+    return LoadedLM(model=_build(cfg, vocab, state, dev), tokenizer=tok, cfg=cfg, vocab_size=vocab,
                     device=dev, info=info, real_vocab=real)
 
 

@@ -82,15 +82,15 @@ def _eval_run_config(meta: dict):
                               "training data-parallel ranks; evaluate it in one process (without torchrun), "
                               "or run 'bigllm convert consolidate' first")
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = int(layout["tp"]), int(layout["pp"]), 0
+    cfg.parallel.sequence_parallel = False  # windows of any length; the weights are the same
     cfg.train.precision = "fp32"
     return cfg
 
 
-def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, attention: str = "sdpa") -> ShardedLM:
+def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> ShardedLM:
     """Initialise tp x pp x dp groups for the checkpoint's layout and load this rank's shard."""
     import deepspeed
 
-    from bigllm.evaluate.attention import use_eval_kernels
     from bigllm.evaluate.loading import describe, load_tokenizer, resolve_checkpoint
     from bigllm.model.build import build_model
     from bigllm.parallel.context import MegatronMPU, init_parallel
@@ -115,11 +115,9 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, atten
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir} at tp={ctx.dims.tp} pp={ctx.dims.pp}")
     engine.eval()
-    if attention == "sdpa":
-        use_eval_kernels(engine.module)
     tok_path = tokenizer or meta.get("tokenizer")
     tok = load_tokenizer(tok_path, tag_dir)
-    info, real = describe(kind, tag_dir, meta, tok_path, tok, cfg.model, vocab, attention)
+    info, real = describe(kind, tag_dir, meta, tok_path, tok, cfg.model, vocab)
     info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}
     return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=real, info=info)
 

@@ -14,27 +14,21 @@ from bigllm.model.llama import (Block, Embedding, FinalNorm, Head, lm_loss, tied
                                 transformer_config)
 
 
-def _seeds(seed: int, num_layers: int) -> dict:
-    """One init seed per layer, independent of where the layer is built."""
-    return {"embed": seed, "blocks": [seed + 1 + i for i in range(num_layers)], "head": seed + 7919}
-
-
 class CausalLM(torch.nn.Module):
     """All layers in one process (pp == 1).
 
     forward(tokens [b, s]) -> logits [s, b, v/tp]; with labels/loss_mask [b, s] -> scalar loss.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, precision: str, seed: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, precision: str, seed: int,
+                 sequence_parallel: bool = False):
         super().__init__()
-        tcfg = transformer_config(cfg, tp, precision)
-        seeds = _seeds(seed, cfg.num_layers)
-        self.embedding = Embedding(tcfg, vocab_size, seeds["embed"])
+        tcfg = transformer_config(cfg, tp, precision, sequence_parallel)
+        self.embedding = Embedding(tcfg, vocab_size, seed)
         self.blocks = torch.nn.ModuleList(
-            Block(tcfg, i + 1, cfg.rope_theta, seeds["blocks"][i], cfg.activation_checkpointing)
-            for i in range(cfg.num_layers))
+            Block(tcfg, i + 1, cfg.rope_theta, seed, cfg.activation_checkpointing) for i in range(cfg.num_layers))
         self.final_norm = FinalNorm(tcfg)
-        self.head = None if cfg.tie_embeddings else Head(tcfg, vocab_size, seeds["head"])
+        self.head = None if cfg.tie_embeddings else Head(tcfg, vocab_size, seed)
 
     def forward(self, tokens, labels=None, loss_mask=None, *, rotary_pos_emb=None, attention_mask=None,
                 inference_context=None):
@@ -61,23 +55,22 @@ def _pipeline_loss(logits, labels):
     return lm_loss(logits, target, loss_mask)
 
 
-def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int, precision: str, seed: int):
+def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int, precision: str, seed: int,
+                   sequence_parallel: bool = False):
     """A DeepSpeed PipelineModule: embedding on the first stage, blocks split evenly, norm and
     head on the last; a tied head shares the embedding table across first and last stage."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    tcfg = transformer_config(cfg, tp, precision)
-    seeds = _seeds(seed, cfg.num_layers)
+    tcfg = transformer_config(cfg, tp, precision, sequence_parallel)
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seeds["embed"],
-                              tied_weight_attr="word_embeddings.weight")
-        last = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seeds["embed"], forward_fn=tied_logits,
+        first = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seed, tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seed, forward_fn=tied_logits,
                              tied_weight_attr="word_embeddings.weight")
     else:
-        first = LayerSpec(Embedding, tcfg, vocab_size, seeds["embed"])
-        last = LayerSpec(Head, tcfg, vocab_size, seeds["head"])
-    blocks = [LayerSpec(Block, tcfg, i + 1, cfg.rope_theta, seeds["blocks"][i], cfg.activation_checkpointing)
+        first = LayerSpec(Embedding, tcfg, vocab_size, seed)
+        last = LayerSpec(Head, tcfg, vocab_size, seed)
+    blocks = [LayerSpec(Block, tcfg, i + 1, cfg.rope_theta, seed, cfg.activation_checkpointing)
               for i in range(cfg.num_layers)]
     layers = [first, *blocks, LayerSpec(FinalNorm, tcfg), last]
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
@@ -85,8 +78,9 @@ def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int,
                           partition_method="type:Block", activation_checkpoint_interval=0)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: int):
+def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: int,
+                sequence_parallel: bool = False):
     """The model for this rank: CausalLM when pp == 1, else this rank's pipeline stage."""
     if dims.pp == 1:
-        return CausalLM(cfg, vocab_size, dims.tp, precision, seed)
-    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp, precision, seed)
+        return CausalLM(cfg, vocab_size, dims.tp, precision, seed, sequence_parallel)
+    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp, precision, seed, sequence_parallel)

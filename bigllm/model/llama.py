@@ -1,8 +1,8 @@
 """A Llama-style decoder from megatron-core pieces: the model math, one layer at a time.
 
     Embedding  tokens [b, s] -> hidden [s, b, h]        (VocabParallelEmbedding)
-    Block x L  hidden [s, b, h] -> hidden [s, b, h]     (megatron TransformerLayer, local spec:
-                                                         RMSNorm, RoPE, GQA attention, SwiGLU)
+    Block x L  hidden [s, b, h] -> hidden [s, b, h]     (megatron TransformerLayer, bigllm's spec:
+                                                         RMSNorm, RoPE, GQA attention on SDPA, SwiGLU)
     FinalNorm  hidden [s, b, h] -> hidden [s, b, h]     (RMSNorm)
     Head       hidden [s, b, h] -> logits [s, b, v/tp]  (ColumnParallelLinear, or the tied
                                                          embedding table)
@@ -10,38 +10,35 @@
 
 The layers are separate modules so that `bigllm.model.build` can place them on pipeline
 stages (DeepSpeed) or run them in sequence; tensor parallelism lives inside the megatron
-layers. Each layer seeds its own initialisation from (seed, layer index), so the weights are
-identical whatever the tp/pp layout (parity tests and resharding rely on it).
+layers. With sequence parallelism (tp > 1) the hidden states between the tp regions are cut
+along the sequence, [s/tp, b, h]: the embedding reduce-scatters, the head all-gathers, and the
+norms and dropouts in between work on each rank's slice. Each layer initialises its weights
+from (seed, canonical name) (`bigllm.model.init`), so they are identical whatever the layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from bigllm.config import ModelConfig
+from bigllm.model.init import initialize
+from bigllm.model.layers import RMSNorm, layer_spec
 
 
-def padded_vocab_size(vocab_size: int, cfg: ModelConfig, tp: int) -> int:
-    """Round the vocabulary up to a multiple of lcm(make_vocab_size_divisible_by, tp).
+def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_parallel: bool = False) -> TransformerConfig:
+    """megatron-core's TransformerConfig for our architecture.
 
-    Unlike Megatron (multiple of divisor * tp) the padded size does not change with tp for
-    power-of-two tp <= divisor, so checkpoints reshard without touching the vocabulary.
+    Fusions that need apex or TransformerEngine stay off (see ../shared/NOTES-GPU.md); with SDPA
+    attention they matter little. Weights are allocated uninitialised on the current device and
+    filled by `bigllm.model.init` (`perform_initialization=False`).
     """
-    multiple = math.lcm(cfg.make_vocab_size_divisible_by, tp)
-    return multiple * math.ceil(vocab_size / multiple)
-
-
-def transformer_config(cfg: ModelConfig, tp: int, precision: str) -> TransformerConfig:
-    """megatron-core's TransformerConfig for our architecture; fusions off (portable, CPU-safe)."""
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -60,71 +57,74 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str) -> Transformer
         tensor_model_parallel_size=tp,
         # Pipelining is DeepSpeed's job: megatron layers see one stage and global layer numbers.
         pipeline_model_parallel_size=1,
+        sequence_parallel=sequence_parallel and tp > 1,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         params_dtype=torch.float32,
-        # Weights are made full-size on the CPU RNG, then split: identical across tp layouts.
-        use_cpu_initialization=True,
-        perform_initialization=True,
+        use_cpu_initialization=False,
+        perform_initialization=False,
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        sequence_parallel=False,
     )
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run the block with the CPU generator seeded, restoring the outer state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+def _sequence_parallel_rng(tcfg: TransformerConfig):
+    """Dropout on a sequence-parallel slice draws from the tp-rank stream (Megatron's rule)."""
+    if tcfg.sequence_parallel:
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+    return contextlib.nullcontext()
 
 
 class Embedding(torch.nn.Module):
-    """tokens [b, s] -> hidden [s, b, h]; the table is split over tp along the vocabulary."""
+    """tokens [b, s] -> hidden [s, b, h] ([s/tp, b, h] with SP); the table is split over tp along the vocabulary."""
 
     def __init__(self, tcfg: TransformerConfig, vocab_size: int, seed: int):
         super().__init__()
-        with seeded(seed):
-            self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-                vocab_size, tcfg.hidden_size, init_method=tcfg.init_method, config=tcfg)
+        self.tcfg = tcfg
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            vocab_size, tcfg.hidden_size, init_method=tcfg.init_method, config=tcfg,
+            reduce_scatter_embeddings=tcfg.sequence_parallel)
         self.dropout = torch.nn.Dropout(tcfg.hidden_dropout)
+        initialize(self, "embedding.", seed, tcfg.init_method_std, tcfg.num_layers)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.word_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.word_embeddings(tokens)  # [b, s, h]
-        return self.dropout(hidden.transpose(0, 1).contiguous())  # [s, b, h]
+        hidden = self.word_embeddings(tokens)  # [b, s, h]; with SP already [s/tp, b, h]
+        if not self.tcfg.sequence_parallel:
+            hidden = hidden.transpose(0, 1).contiguous()  # [s, b, h]
+        with _sequence_parallel_rng(self.tcfg):
+            return self.dropout(hidden)
 
 
 class Block(torch.nn.Module):
-    """One decoder layer: megatron's TransformerLayer (local spec) with RoPE and a causal mask."""
+    """One decoder layer: megatron's TransformerLayer (bigllm's spec) with RoPE, causal."""
 
     def __init__(self, tcfg: TransformerConfig, layer_number: int, rope_theta: float, seed: int,
                  recompute: bool = False):
         super().__init__()
-        with seeded(seed):
-            spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-            self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
+        self.tcfg = tcfg
+        self.layer = build_module(layer_spec(), config=tcfg, layer_number=layer_number)
         self.rope = RotaryEmbedding(kv_channels=tcfg.kv_channels, rotary_percent=1.0,
-                                    rotary_base=int(rope_theta), use_cpu_initialization=True)
+                                    rotary_base=int(rope_theta), use_cpu_initialization=False)
         self.recompute = recompute
+        initialize(self, f"blocks.{layer_number - 1}.", seed, tcfg.init_method_std, tcfg.num_layers)
 
     def _forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
                  inference_context=None) -> torch.Tensor:
-        s = hidden.size(0)
         if rotary_pos_emb is None:
-            rotary_pos_emb = self.rope(s).to(hidden.device)  # [s, 1, 1, head_dim]
-        if attention_mask is None:
-            # True above the diagonal = masked; given explicitly so no CUDA-only default is built.
-            attention_mask = torch.ones(s, s, dtype=torch.bool, device=hidden.device).triu_(1)[None, None]
-        out, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                            inference_context=inference_context)
+            # Positions 0..s-1 of the whole sequence: under SP this rank holds s/tp of them, but
+            # attention sees all s (the qkv projection all-gathers the sequence).
+            s = hidden.size(0) * (self.tcfg.tensor_model_parallel_size if self.tcfg.sequence_parallel else 1)
+            rotary_pos_emb = self.rope(s)  # [s, 1, 1, head_dim], cached by megatron per length
+        with _sequence_parallel_rng(self.tcfg):
+            out, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                inference_context=inference_context)
         return out
 
     def forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
@@ -142,25 +142,26 @@ class Block(torch.nn.Module):
 
 
 class FinalNorm(torch.nn.Module):
-    """RMSNorm over hidden [s, b, h]."""
+    """RMSNorm over hidden [s, b, h] ([s/tp, b, h] with SP)."""
 
     def __init__(self, tcfg: TransformerConfig):
         super().__init__()
-        self.norm = torch.nn.RMSNorm(tcfg.hidden_size, eps=tcfg.layernorm_epsilon)
+        self.norm = RMSNorm(tcfg, tcfg.hidden_size, eps=tcfg.layernorm_epsilon)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)
 
 
 class Head(torch.nn.Module):
-    """hidden [s, b, h] -> logits [s, b, v/tp], kept split over tp for the parallel loss."""
+    """hidden [s, b, h] -> logits [s, b, v/tp], kept split over tp for the parallel loss
+    (with SP the linear all-gathers the sequence first)."""
 
     def __init__(self, tcfg: TransformerConfig, vocab_size: int, seed: int):
         super().__init__()
-        with seeded(seed):
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                tcfg.hidden_size, vocab_size, config=tcfg, init_method=tcfg.init_method,
-                bias=False, gather_output=False)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            tcfg.hidden_size, vocab_size, config=tcfg, init_method=tcfg.init_method,
+            bias=False, gather_output=False)
+        initialize(self, "head.", seed, tcfg.init_method_std, tcfg.num_layers)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits, _ = self.output_layer(hidden)
@@ -169,7 +170,11 @@ class Head(torch.nn.Module):
 
 def tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     """Output head that reuses the embedding table: hidden [s, b, h] -> logits [s, b, v/tp]."""
-    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    if embedding.tcfg.sequence_parallel:
+        # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters the partial (per-vocab-slice) grads.
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     return F.linear(hidden, embedding.weight)
 
 

@@ -56,6 +56,10 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
 
     launch, dims = resolve_dims(parallel)
     export_dist_env(launch)
+    if dims.tp > 1:
+        # One hardware queue per device, so megatron's tp communication is issued in program order and
+        # overlaps compute as scheduled (Megatron-LM's rule); read when the CUDA context is created below.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     accel = get_accelerator()
     if accel.device_name() == "cuda":
         accel.set_device(launch.local_rank)

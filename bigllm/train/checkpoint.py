@@ -14,13 +14,13 @@ is on disk, so a crash during a save leaves the previous checkpoint in charge.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from bigllm.errors import CheckpointError
+from bigllm.fsutil import write_atomic
 
 META = "meta.json"
 
@@ -66,12 +66,6 @@ def _manifest(tag_dir: Path) -> dict:
             if p.is_file() and p.name != META}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _assert_finite(engine) -> None:
     """Refuse (on every rank) to save weights that hold NaN or inf anywhere."""
     import torch.distributed as dist
@@ -104,8 +98,8 @@ def save(engine, run_dir: str | Path, step: int, meta: dict, keep_last: int, fau
     if dist.get_rank() == 0:
         info = {**meta, "step": step, "tag": tag, "world_size": dist.get_world_size(), "versions": _versions()}
         info["manifest"] = _manifest(root / tag)
-        _write_atomic(root / tag / META, json.dumps(info, indent=2))
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / tag / META, json.dumps(info, indent=2))
+        write_atomic(root / "latest", tag)
         _prune(root, keep_last)
     dist.barrier()
     return root / tag

@@ -6,17 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from bigllm.config import ModelConfig
-
-
-def count_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the full (unsharded) model, from the config alone."""
-    h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_size
-    kv = cfg.kv_heads * (h // cfg.num_attention_heads)
-    attn = h * h + 2 * h * kv + h * h  # q, k, v, o
-    mlp = 3 * h * f  # gate, up, down
-    per_layer = attn + mlp + 2 * h  # two RMSNorm weights
-    head = 0 if cfg.tie_embeddings else vocab_size * h
-    return vocab_size * h + L * per_layer + h + head
+from bigllm.model.structure import count_params
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
@@ -37,9 +27,11 @@ class StepTimer:
     peak_tflops: float | None = None
     _t0: float = field(default_factory=time.perf_counter)
     _steps: int = 0
+    last_step_s: float = 0.0  # the latest step's seconds (the wall-clock budget plans with it)
 
-    def tick(self) -> None:
+    def tick(self, step_seconds: float) -> None:
         self._steps += 1
+        self.last_step_s = step_seconds
 
     def read(self, step: int) -> dict:
         dt = max(time.perf_counter() - self._t0, 1e-9)

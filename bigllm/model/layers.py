@@ -1,0 +1,160 @@
+"""The decoder layer's parts that bigllm supplies to megatron-core's `TransformerLayer`.
+
+megatron-core builds the layer from a `ModuleSpec`; `layer_spec()` is bigllm's: megatron's own
+tensor-parallel linears (qkv, proj, fc1, fc2) and MLP, with two modules of ours:
+
+- `SDPAttention`, the core attention, on torch's `scaled_dot_product_attention`: no [s, s]
+  score tensor is kept (flash / cuDNN / memory-efficient kernels on CUDA, torch's flash kernel
+  on CPU), `is_causal` when no mask is given (training), grouped-query attention without
+  repeating k/v (`enable_gqa`), dropout drawn from megatron's RNG tracker so that activation
+  recompute and resume replay the same masks.
+- `RMSNorm`, which (unlike megatron's torch-norm wrapper) runs under sequence parallelism.
+
+The state-dict keys are those of megatron's local spec (`input_layernorm.weight`,
+`self_attention.linear_qkv.weight`, ...), so checkpoints and conversions do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+# torchtitan's order: cuDNN, then flash, then memory-efficient, then the math fallback. Each
+# kernel refuses inputs it does not support (head size, dtype, dropout, masks), and dispatch
+# takes the first one that accepts.
+CUDA_BACKEND_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def _backends(names=CUDA_BACKEND_ORDER) -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, n) for n in names]
+
+
+def kernel_priority(device: torch.device):
+    """The SDPA backend order for tensors on `device` (a context; nothing changes on the CPU)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_backends(), set_priority=True)
+
+
+def sdpa_backend(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, dropout: float = 0.0) -> str:
+    """The SDPA kernel that training's call would run on these shapes: the first of the priority
+    order that accepts them (each is tried alone on zeros of the real shape)."""
+    if device.type != "cuda":
+        return "cpu (torch's flash-attention kernel for CPU, or math)"
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.zeros(batch, heads, seq, head_dim, dtype=dtype, device=device)
+    kv = torch.zeros(batch, kv_heads, seq, head_dim, dtype=dtype, device=device)
+    for name, backend in zip(CUDA_BACKEND_ORDER, _backends()):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, kv, kv, dropout_p=dropout, is_causal=True,
+                                               enable_gqa=heads != kv_heads)
+            return name.lower().replace("_attention", "")
+        except RuntimeError:
+            continue
+    return "none"
+
+
+class SDPAttention(torch.nn.Module):
+    """megatron's core-attention interface on torch SDPA.
+
+    query [sq, b, nq/tp, d], key/value [sk, b, nkv/tp, d], attention_mask None (causal: training)
+    or bool [b|1, 1, sq, sk] with True = masked (inference: padding, KV cache) -> [sq, b, nq/tp * d].
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **unused):
+        super().__init__()
+        self.config = config
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.gqa = config.num_query_groups != config.num_attention_heads
+
+    def _rng(self, dropout: float):
+        # Dropout inside the tp region draws from megatron's tp-rank stream (each rank holds other
+        # heads). Under sequence parallelism the whole block already runs inside that stream.
+        if dropout == 0.0 or self.config.sequence_parallel:
+            return contextlib.nullcontext()
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention supports neither attention biases nor packed sequences")
+        sq, b, heads, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        causal = attention_mask is None
+        mask = None if causal else ~attention_mask  # SDPA: True = attend
+        dropout = self.dropout if self.training else 0.0
+        with self._rng(dropout), kernel_priority(q.device):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                 scale=self.softmax_scale, enable_gqa=self.gqa)  # [b, nq, sq, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+
+class RMSNorm(torch.nn.Module):
+    """x / rms(x) * weight over the last dim: hidden [s, b, h] -> [s, b, h] (s/tp with SP).
+
+    Under sequence parallelism each tp rank normalises its own part of the sequence, so its
+    weight gradient is a partial sum. The weight enters through megatron's
+    `copy_to_tensor_model_parallel_region` (identity forward, all-reduce over tp backward),
+    which completes the gradient inside autograd, before DeepSpeed's ZeRO hooks read it; this
+    is the all-reduce Megatron-LM does in `finalize_model_grads`.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.sequence_parallel = config.sequence_parallel
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.weight.sequence_parallel = self.sequence_parallel  # Megatron's marker for such weights
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.sequence_parallel:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return F.rms_norm(hidden, (hidden.size(-1),), weight, self.eps)
+
+
+def layer_spec() -> ModuleSpec:
+    """A Llama decoder layer: RMSNorm, causal GQA self-attention (SDPA), RMSNorm, SwiGLU MLP."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=tensor_parallel.ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=tensor_parallel.RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
+                                                                linear_fc2=tensor_parallel.RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,72 @@
+"""The run logger: what a run tells the person and the files beside it.
+
+    console       rank 0 prints `[bigllm] ...` lines, one per log interval (format_line)
+    jsonl         RUN_DIR/train_log.jsonl, every scalar, one object per record
+    TensorBoard   RUN_DIR/tensorboard/ (train.tensorboard)
+    status.json   RUN_DIR/status.json: how this launch ended ({"state": "requeue" | "finished", ...})
+
+Only rank 0 writes; the other ranks' logger is silent. The logger decides its own
+`should_log(step)`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bigllm.fsutil import write_atomic
+from bigllm.train.metrics import format_line, memory_gb
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, train_cfg, rank: int):
+        self.run_dir, self.cfg, self.lead = Path(run_dir), train_cfg, rank == 0
+        self.writer = None
+        self.log_file = None
+
+    def open(self) -> None:
+        """Open the jsonl log (append: a resumed run continues it) and TensorBoard's writer."""
+        if not self.lead:
+            return
+        self.log_file = open(self.run_dir / "train_log.jsonl", "a")
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def say(self, message: str) -> None:
+        if self.lead:
+            print(f"[bigllm] {message}", file=sys.stdout, flush=True)
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
+
+    def log_step(self, step: int, scalars: dict, device) -> None:
+        """The interval's line on the console and its scalars under train/ in the files."""
+        scalars = {**scalars, "memory_gb": memory_gb(device)}
+        self.say(format_line(step, self.cfg.max_steps, scalars))
+        self.record(step, {f"train/{k}": v for k, v in scalars.items()})
+
+    def record(self, step: int, scalars: dict) -> None:
+        if not self.lead:
+            return
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.log_file.flush()
+
+    def write_status(self, state: str, step: int, reason: str) -> None:
+        """RUN_DIR/status.json: how this launch ended. Launchers that hide exit codes (torchrun
+        turns a worker's 3 into 1) read it to decide on a requeue."""
+        if self.lead:
+            write_atomic(self.run_dir / "status.json", json.dumps({"state": state, "step": step, "reason": reason}))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.log_file is not None:
+            self.log_file.close()
