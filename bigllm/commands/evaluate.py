@@ -10,9 +10,6 @@ def add_model_args(p) -> None:
                    "or a Hugging Face Llama dir (config.json + *.safetensors)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the checkpoint's own)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--attention", choices=("sdpa", "megatron"), default="sdpa",
-                   help="sdpa: torch's fused attention and a split SwiGLU matmul (default, faster); megatron: "
-                   "megatron-core's training kernels unchanged")
 
 
 def add_generation_args(p, max_new_tokens: int = 64) -> None:
