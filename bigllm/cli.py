@@ -17,7 +17,7 @@ import sys
 from bigllm import __version__
 from bigllm.errors import BigLLMError
 
-COMMANDS = ("tokenizer", "preprocess", "train", "evaluate", "generate", "convert", "slurm")
+COMMANDS = ("tokenizer", "preprocess", "train", "plan", "evaluate", "generate", "convert", "slurm")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ import pytest
 
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config
-from bigllm.model.llama import padded_vocab_size
+from bigllm.model.structure import padded_vocab_size
 from bigllm.parallel.dims import ParallelDims
 from bigllm.train.engine import deepspeed_config, lr_lambda
 from bigllm.train.metrics import count_params

@@ -90,6 +90,8 @@ def test_render_needs_the_marker_blocks():
 def config(tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(textwrap.dedent(f"""\
+        model:
+          vocab_size: 32000
         train:
           run_dir: {tmp_path}/runs/my-run
           micro_batch_size: 1
@@ -103,6 +105,7 @@ def test_dry_run_gpu(config, tmp_path):
                  "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu", "--account", "proj",
                  "--setup", "module load cuda/12.4", "--sbatch-arg=--exclusive", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "bigllm plan:" in out.stderr and ": fits" in out.stderr  # the plan goes to stderr, the script to stdout
     script = out.stdout
     run_dir = tmp_path / "runs" / "my-run"
     for line in ["--job-name=my-run", "--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8", "--time=24:00:00",

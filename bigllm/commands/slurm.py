@@ -32,6 +32,9 @@ def _register_submit(sub) -> None:
     p.add_argument("--command", dest="task_command", metavar="CMD",
                    help="the command each task runs before CONFIG and overrides (default: this Python -m bigllm train)")
     p.add_argument("--template", help="batch script template (default: slurm/train.sbatch)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="memory of one GPU for the printed plan (default 80); a plan that does not fit is refused")
+    p.add_argument("--force", action="store_true", help="submit even when `bigllm plan` says it does not fit")
     p.add_argument("--dry-run", action="store_true", help="print the rendered script, submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
     p.set_defaults(handler=lazy("bigllm.slurm.submit:cli_main"))

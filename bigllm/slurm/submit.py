@@ -208,6 +208,20 @@ def train_knobs(args, config_path: Path) -> dict[str, str]:
     }
 
 
+def check_plan(cfg, layout: Layout, gpu_memory_gb: float, force: bool) -> None:
+    """Print `bigllm plan` for a GPU job (to stderr) and refuse one that does not fit, unless forced."""
+    if not layout.gpus_per_node:
+        return  # a CPU job: no GPU memory to plan
+    from bigllm.plan import format_plan, make_plan, not_fitting_advice
+
+    plan = make_plan(cfg, layout.world_size, gpu_memory_gb)
+    print(format_plan(plan, cfg, f"{layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)"), file=sys.stderr)
+    if not plan.fits:
+        if not force:
+            raise ConfigError(not_fitting_advice(plan, cfg))
+        print("warning: the plan does not fit; submitting anyway (--force)", file=sys.stderr)
+
+
 def build_script(args) -> tuple[str, Path]:
     """Load and check the run config, then render the template: (script text, run directory)."""
     from bigllm.config import RunConfig
@@ -216,6 +230,7 @@ def build_script(args) -> tuple[str, Path]:
     cfg = load_config(RunConfig, args.config, list(args.overrides))
     layout = make_layout(args.nodes, args.gpus_per_node, args.procs_per_node)
     check_world(cfg, layout)
+    check_plan(cfg, layout, args.gpu_memory_gb, args.force)
     check_time(parse_time(args.time), args.signal_lead)
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")

@@ -1,0 +1,220 @@
+"""`bigllm plan`: what a run needs per GPU, from its config alone, before anyone submits it.
+
+    bigllm plan configs/llama-7b.yaml model.vocab_size=32000 --nodes 4 --gpus-per-node 8 [--json]
+
+Parameters are exact (the padded vocabulary included: what the checkpoint holds). Memory is an
+estimate of the peak that torch's allocator sees on the busiest rank (the first pipeline stage
+holds the most micro-batches in flight, the last one the logits), in these parts:
+
+    weights        this rank's shard in the model dtype
+    gradients      bf16/fp16: fp32 accumulation (ZeRO-1: DeepSpeed's BF16_Optimizer keeps it whole;
+                   ZeRO-2/3: this rank's 1/dp partition) plus the model-dtype gradients of a bucket;
+                   fp32: the gradients (1/dp of them from ZeRO-2 on); bf16 at ZeRO-0 accumulates in bf16
+    optimizer      AdamW's two moments, plus fp32 master weights under bf16/fp16; 1/dp from ZeRO-1 on
+    activations    what backward keeps per layer and token with SDPA attention (no s x s scores):
+                   4h (norm inputs/outputs) + (nq + 2 nkv) d + 2h (q, k, v, attention out and proj
+                   input) + 4f (SwiGLU) values, the tp-region part / tp, the rest / tp under
+                   sequence parallelism; with recompute only each block's input plus one block
+    logits_loss    [tokens, V/tp] logits in the model dtype and two fp32 copies in the loss
+    buffers        ZeRO's gradient buckets (two with overlap_comm)
+
+`fits` keeps 10% of the GPU free for the CUDA context, NCCL and allocator fragmentation.
+FLOPs per step are model FLOPs (6 x matmul parameters + attention per token, the MFU convention);
+recompute adds one forward of the blocks on top (`hardware_flops_per_step`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bigllm.config import RunConfig
+from bigllm.errors import ConfigError
+
+GB = 1e9
+HEADROOM = 0.9  # share of a GPU's memory a plan may use
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    grad_accum: int
+    vocab_size: int
+    params_total: int
+    params_per_gpu: int
+    flops_per_step: float
+    hardware_flops_per_step: float
+    tokens_per_step: int
+    memory_gb: dict
+    gpu_memory_gb: float
+    fits: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def resolve_vocab(cfg: RunConfig) -> int:
+    """The model's vocabulary before padding: model.vocab_size, else the tokenizer's."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if tok is not None and (tok / "tokenizer.model").is_file():
+        from bigllm.tokenizer import Tokenizer
+
+        return Tokenizer.load(tok).vocab_size
+    raise ConfigError(f"the vocabulary size is unknown: model.vocab_size is not set and data.tokenizer "
+                      f"'{cfg.data.tokenizer}' holds no tokenizer.model; pass model.vocab_size=N (e.g. 32000)")
+
+
+def _dtype_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def activation_bytes_per_token_layer(cfg: RunConfig) -> float:
+    """Bytes one block keeps for backward per token (the module docstring's sum), on one tp rank."""
+    m, p = cfg.model, cfg.parallel
+    tp, a = p.tp, _dtype_bytes(cfg.train.precision)
+    d = m.hidden_size // m.num_attention_heads
+    outside_tp = 4 * m.hidden_size + (2 * m.hidden_size if m.dropout > 0 else 0)
+    inside_tp = (m.num_attention_heads + 2 * m.kv_heads) * d + 2 * m.hidden_size + 4 * m.ffn_size
+    lse = 4 * m.num_attention_heads / tp  # fp32 log-sum-exp per head
+    return a * (outside_tp / (tp if p.sequence_parallel else 1) + inside_tp / tp) + lse
+
+
+def _state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
+    """weights, gradients, optimizer and buffer bytes of a rank holding `params` parameters."""
+    from bigllm.train.engine import BUCKET_ELEMENTS
+
+    zero, a = cfg.parallel.zero_stage, _dtype_bytes(cfg.train.precision)
+    mixed = cfg.train.precision != "fp32"
+    weights = params * a / (dp if zero == 3 else 1)
+    bucket = min(BUCKET_ELEMENTS, params) * a * (2 if zero >= 1 else 1)
+    if not mixed:
+        grads = params * 4 / (dp if zero >= 2 else 1)
+    elif zero == 0:
+        grads = params * a
+    elif zero == 1:
+        grads = params * 4 + bucket / 2
+    else:
+        grads = params * 4 / dp + bucket / 2
+    optimizer = params * (8 + (4 if mixed else 0)) / (dp if zero >= 1 else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": bucket}
+
+
+def _stage_activations(cfg: RunConfig, blocks: int, in_flight: int, last: bool, vocab: int) -> dict:
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    tokens = t.micro_batch_size * m.seq_length
+    per_layer = activation_bytes_per_token_layer(cfg) * tokens
+    a = _dtype_bytes(t.precision)
+    if m.activation_checkpointing:
+        block_input = tokens * m.hidden_size * a / (p.tp if p.sequence_parallel else 1)
+        acts = block_input * blocks * in_flight + per_layer  # plus the block being recomputed
+    else:
+        acts = per_layer * blocks * in_flight
+    logits = tokens * vocab / p.tp * (a + 8) if last else 0.0
+    return {"activations": acts, "logits_loss": logits}
+
+
+def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
+    """The plan of `cfg` on `world_size` GPUs of `gpu_memory_gb` each (raises ConfigError on a
+    layout that cannot run)."""
+    from bigllm.model import structure
+    from bigllm.model.structure import padded_vocab_size
+    from bigllm.parallel.dims import ParallelDims
+    from bigllm.train.metrics import flops_per_token
+
+    cfg.validate()
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    dims = ParallelDims.from_world(world_size, p.tp, p.pp)
+    grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
+    vocab = padded_vocab_size(resolve_vocab(cfg), m, p.tp)
+    per_stage = structure.params_per_rank(m, vocab, p.tp, p.pp)
+    blocks = structure.blocks_per_stage(m, p.pp)
+    stages = []
+    for s in range(p.pp):
+        in_flight = min(p.pp - s, grad_accum)  # DeepSpeed's 1F1B schedule
+        parts = {**_state_bytes(cfg, per_stage[s], dims.dp),
+                 **_stage_activations(cfg, blocks[s], in_flight, s == p.pp - 1, vocab)}
+        stages.append({k: v / GB for k, v in parts.items()})
+    worst = max(stages, key=lambda parts: sum(parts.values()))
+    order = ("weights", "gradients", "optimizer", "activations", "logits_loss", "buffers")
+    memory = {k: round(worst[k], 3) for k in order}
+    memory["total"] = round(sum(worst.values()), 3)
+    tokens = t.global_batch_size * m.seq_length
+    flops = flops_per_token(m, vocab) * tokens
+    total = structure.count_params(m, vocab)
+    block_params = total - vocab * m.hidden_size * (1 if m.tie_embeddings else 2) - m.hidden_size
+    # Recompute runs each block's forward once more: 2 FLOPs per matmul parameter and 4 L h s of attention.
+    recompute = (2.0 * block_params + 4.0 * m.num_layers * m.hidden_size * m.seq_length) * tokens
+    recompute = recompute if m.activation_checkpointing else 0.0
+    return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage,
+                grad_accum=grad_accum, vocab_size=vocab, params_total=total,
+                params_per_gpu=max(per_stage), flops_per_step=flops, hardware_flops_per_step=flops + recompute,
+                tokens_per_step=tokens, memory_gb=memory, gpu_memory_gb=gpu_memory_gb,
+                fits=memory["total"] <= HEADROOM * gpu_memory_gb)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    extras = [t.precision, f"ZeRO-{plan.zero_stage}", "recompute" if m.activation_checkpointing else "no recompute"]
+    if p.sequence_parallel:
+        extras.append("sequence parallel")
+    lines = [f"bigllm plan: {where}",
+             f"  layout      tp={plan.tp} pp={plan.pp} dp={plan.dp} on {plan.world_size} GPUs ({', '.join(extras)})",
+             f"  batch       {t.micro_batch_size} x {plan.grad_accum} grad-accum x {plan.dp} dp = "
+             f"{t.global_batch_size} sequences of {m.seq_length} = {plan.tokens_per_step:,} tokens per step",
+             f"  parameters  {plan.params_total:,} total ({_human(plan.params_total)}), {plan.params_per_gpu:,} "
+             f"on the largest GPU shard (vocabulary {plan.vocab_size} padded)",
+             f"  FLOPs       {_human(plan.flops_per_step, 'FLOP')} per step (model), "
+             f"{_human(plan.hardware_flops_per_step, 'FLOP')} with recompute",
+             "  memory per GPU (GB, busiest rank):"]
+    for key, value in plan.memory_gb.items():
+        if key != "total":
+            lines.append(f"    {key:<12} {value:9.2f}")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"    {'total':<12} {plan.memory_gb['total']:9.2f}  of {plan.gpu_memory_gb:g} GB: {verdict} "
+                 f"(at most {HEADROOM:.0%} of it planned)")
+    return "\n".join(lines)
+
+
+def not_fitting_advice(plan: Plan, cfg: RunConfig) -> str:
+    tips = []
+    if not cfg.model.activation_checkpointing:
+        tips.append("model.activation_checkpointing=true")
+    if cfg.parallel.zero_stage < (1 if cfg.parallel.pp > 1 else 3):
+        tips.append("a higher parallel.zero_stage")
+    if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        tips.append("parallel.sequence_parallel=true")
+    tips.append("a smaller train.micro_batch_size")
+    return (f"the plan needs {plan.memory_gb['total']:.1f} GB per GPU, more than {HEADROOM:.0%} of "
+            f"{plan.gpu_memory_gb:g} GB; try {', '.join(tips)} (see `bigllm plan`), or --force")
+
+
+def cli_main(args) -> int:
+    """Handler of `bigllm plan`."""
+    from bigllm.config_loader import load_config
+
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {args.nodes} and {args.gpus_per_node}")
+    if not args.gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
+    cfg = load_config(RunConfig, args.config, list(args.overrides))
+    plan = make_plan(cfg, args.nodes * args.gpus_per_node, args.gpu_memory_gb)
+    if args.json:
+        print(plan.to_json())
+    else:
+        where = f"{args.config} on {args.nodes} node(s) x {args.gpus_per_node} GPU(s)"
+        print(format_plan(plan, cfg, where))
+    return 0

@@ -1,0 +1,103 @@
+"""`bigllm plan`: exact parameter counts, the memory model's parts, fits / does not fit, errors,
+and `bigllm slurm submit` refusing a plan that does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_utils import ROOT
+
+TARGETS = {"llama-125m.yaml": (1, 8), "llama-1b.yaml": (1, 8), "llama-7b.yaml": (4, 8)}
+
+
+def bigllm(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "bigllm", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def plan_json(*args) -> dict:
+    proc = bigllm("plan", *args, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_shipped_gpu_configs_fit_their_cluster(name):
+    nodes, gpus = TARGETS[name]
+    plan = plan_json(ROOT / "configs" / name, "model.vocab_size=32000", "--nodes", nodes, "--gpus-per-node", gpus)
+    assert plan["fits"] and plan["memory_gb"]["total"] <= 0.9 * 80
+    assert set(plan["memory_gb"]) == {"weights", "gradients", "optimizer", "activations", "logits_loss",
+                                      "buffers", "total"}
+    assert plan["memory_gb"]["total"] == pytest.approx(sum(v for k, v in plan["memory_gb"].items() if k != "total"),
+                                                       abs=0.01)
+    assert plan["flops_per_step"] > 0 and plan["params_per_gpu"] <= plan["params_total"]
+
+
+def test_acceptance_llama_7b_table():
+    proc = bigllm("plan", ROOT / "configs" / "llama-7b.yaml", "model.vocab_size=32000", "--nodes", 4,
+                  "--gpus-per-node", 8)
+    assert proc.returncode == 0, proc.stderr
+    assert "tp=2 pp=2 dp=8 on 32 GPUs" in proc.stdout and ": fits" in proc.stdout
+    assert "6,738,415,616 total" in proc.stdout  # Llama-2-7B's 6.74e9 with a 32000-token vocabulary
+
+
+def test_params_equal_the_checkpoint(tiny_run):
+    """The plan's parameter count equals the tensors a trained checkpoint holds (padded vocabulary)."""
+    from bigllm.convert.consolidate import consolidate_state
+    from bigllm.convert.source import open_source
+
+    src = open_source(tiny_run["run"])
+    held = sum(t.numel() for t in consolidate_state(src, progress=False).values())
+    plan = plan_json(tiny_run["run"] / "config.yaml", "--nodes", 1, "--gpus-per-node", 4)
+    assert plan["params_total"] == held
+    assert plan["vocab_size"] == src.vocab_size  # read from the run's tokenizer, then padded
+
+
+def test_memory_model_responds_to_the_knobs():
+    def memory(*overrides):
+        return plan_json(ROOT / "configs" / "llama-1b.yaml", "model.vocab_size=32000", *overrides,
+                         "--nodes", 1, "--gpus-per-node", 8)["memory_gb"]
+
+    plain = memory()
+    assert memory("model.activation_checkpointing=true")["activations"] < plain["activations"] / 5
+    assert memory("parallel.zero_stage=1")["gradients"] > plain["gradients"] * 4  # ZeRO-1 keeps fp32 grads whole
+    longer = memory("model.seq_length=4096")["activations"]
+    assert longer == pytest.approx(2 * plain["activations"], rel=0.01)  # linear in s: no s x s scores (SDPA)
+    sp = memory("parallel.tp=2", "parallel.sequence_parallel=true")["activations"]
+    assert sp < memory("parallel.tp=2")["activations"]
+
+
+def test_not_fitting_and_errors_are_one_line():
+    big = plan_json(ROOT / "configs" / "llama-7b.yaml", "model.vocab_size=32000", "parallel.tp=1",
+                    "parallel.pp=1", "parallel.sequence_parallel=false", "--nodes", 1, "--gpus-per-node", 8)
+    assert not big["fits"]
+    cases = [
+        (["plan", ROOT / "configs" / "llama-1b.yaml", "data.tokenizer=/nowhere", "--nodes", 1, "--gpus-per-node", 8],
+         "model.vocab_size=N"),
+        (["plan", ROOT / "configs" / "llama-7b.yaml", "model.vocab_size=32000", "--nodes", 1, "--gpus-per-node", 3],
+         "not divisible"),
+        (["plan", ROOT / "configs" / "llama-1b.yaml", "model.vocab_size=32000", "--nodes", 0, "--gpus-per-node", 8],
+         "--nodes"),
+    ]
+    for argv, text in cases:
+        proc = bigllm(*argv)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1 and text in lines[0], proc.stderr
+
+
+def test_slurm_submit_prints_the_plan_and_refuses_what_does_not_fit(tmp_path):
+    args = ["slurm", "submit", ROOT / "configs" / "llama-7b.yaml", "model.vocab_size=32000",
+            f"train.run_dir={tmp_path / 'run'}", "--nodes", 4, "--gpus-per-node", 8, "--time", "10:00", "--dry-run"]
+    ok = bigllm(*args)
+    assert ok.returncode == 0 and "bigllm plan:" in ok.stderr and "#SBATCH --nodes=4" in ok.stdout
+    refused = bigllm(*args, "--gpu-memory-gb", 16)
+    assert refused.returncode == 1 and "--force" in refused.stderr.strip().splitlines()[-1]
+    assert refused.stdout == ""
+    forced = bigllm(*args, "--gpu-memory-gb", 16, "--force")
+    assert forced.returncode == 0 and "#SBATCH --nodes=4" in forced.stdout
