@@ -50,3 +50,30 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 def test_padded_vocab_is_layout_invariant():
     cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml")
     assert {padded_vocab_size(2000, cfg.model, tp) for tp in (1, 2, 4, 8)} == {2048}
+
+
+def test_deepspeed_config_overlaps_reduction_and_accumulates_bf16_in_fp32():
+    cfg = load_config(RunConfig, ROOT / "configs" / "llama-1b.yaml")  # bf16, ZeRO-2
+    ds = deepspeed_config(cfg, ParallelDims.from_world(8, 1, 1))
+    zero = ds["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    assert 1e7 <= zero["reduce_bucket_size"] <= 2e8  # smaller than DeepSpeed's 5e8: reduction starts early
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"] == {"enabled": True}
+    cfg.parallel.zero_stage = 0  # DeepSpeed has no fp32 accumulation at stage 0 ("unsupported mix")
+    ds0 = deepspeed_config(cfg, ParallelDims.from_world(8, 1, 1))
+    assert "data_types" not in ds0 and ds0["zero_optimization"] == {"stage": 0}
+    cfg.train.precision = "fp32"
+    assert "data_types" not in deepspeed_config(cfg, ParallelDims.from_world(8, 1, 1))
+
+
+def test_sequence_parallel_is_validated_before_any_process_group():
+    from bigllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tp > 1"):
+        load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["parallel.tp=1", "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="seq_length=130 is not divisible by parallel.tp=4"):
+        load_config(RunConfig, ROOT / "configs" / "tiny.yaml",
+                    ["parallel.tp=4", "model.num_kv_heads=4", "model.seq_length=130", "parallel.sequence_parallel=true"])
+    cfg = load_config(RunConfig, ROOT / "configs" / "llama-7b.yaml")
+    ds = deepspeed_config(cfg, ParallelDims.from_world(32, 2, 2))
+    assert ds["pipeline"]["pipe_partitioned"] is False  # tp ranks hold different sequence slices

@@ -37,10 +37,11 @@ def initialize(module: torch.nn.Module, prefix: str, seed: int, std: float, num_
     for local_name, param in module.named_parameters():
         name = prefix + local_name
         rule = structure.tp_rule(name)
-        # megatron marks its split weights only when it initialises them itself; DeepSpeed's gradient
-        # norm counts a weight once per tp group unless it carries the mark.
-        set_tensor_model_parallel_attributes(param, is_parallel=rule != "replicated", dim=1 if rule == "cols" else 0,
-                                             stride=1)
+        # megatron-core < 0.19 marks its split weights only when it initialises them itself; DeepSpeed's
+        # gradient norm counts a weight once per tp group unless it carries the mark.
+        if not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, is_parallel=rule != "replicated",
+                                                 dim=1 if rule == "cols" else 0, stride=1)
         sigma = structure.init_std(name, std, num_layers)
         if sigma is None:
             param.fill_(1.0)  # norm weights
