@@ -43,7 +43,12 @@ class Tokenizer:
 
         self.model_path = str(model_path)
         self.num_threads = num_threads
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as exc:  # e.g. "could not parse ModelProto" for a damaged file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise DataError(f"tokenizer file {self.model_path} is not a readable SentencePiece model ({first}); "
+                            "restore it or train a new one with: bigllm tokenizer train") from None
         self._check_ids()
 
     @classmethod
@@ -138,21 +143,36 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
 
 def train_tokenizer(inputs: list[str], output: str | Path, vocab_size: int, model_type: str = "bpe",
                     json_key: str = "text", max_sentences: int = 1_000_000, skip_bad: bool = False,
-                    character_coverage: float = 0.9995, num_threads: int = 2, seed: int = 0) -> Tokenizer:
-    """Train a SentencePiece model on the inputs; write `output/tokenizer.model` and `tokenizer.json`."""
+                    character_coverage: float = 0.9995, num_threads: int = 2, seed: int = 0,
+                    overwrite: bool = False) -> Tokenizer:
+    """Train a SentencePiece model on the inputs; write `output/tokenizer.model` and `tokenizer.json`
+    (a new directory: a non-empty `output` is refused unless `overwrite`, and replaced once complete)."""
     import sentencepiece as spm
 
     from bigllm.data.readers import ReadStats, check_inputs, iter_corpus
+    from bigllm.fsutil import check_new_target, new_directory
 
     check_inputs(inputs)
+    check_new_target(output, overwrite, "--output")
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model type '{model_type}' is not supported; use --model-type bpe or unigram")
     stats = ReadStats()
     sample = sample_lines(iter_corpus(inputs, json_key, skip_bad, stats), max_sentences, seed)
     if not sample:
         raise DataError(f"no text found in {', '.join(inputs)} under key '{json_key}'; check --input and --json-key")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    with new_directory(output, overwrite, "--output") as out:
+        _train_into(spm, sample, out, vocab_size, model_type, character_coverage, num_threads)
+        meta = {"vocab_size": vocab_size, "model_type": model_type, "unk_id": UNK_ID, "bos_id": BOS_ID,
+                "eos_id": EOS_ID, "eod_id": EOS_ID, "pad_id": PAD_ID, "byte_fallback": True,
+                "sources": [str(p) for p in inputs], "json_key": json_key, "sampled_lines": len(sample),
+                "documents": stats.docs, "empty_skipped": stats.empty, "bad_skipped": stats.bad,
+                "sentencepiece_version": spm.__version__}
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Tokenizer.load(output)
+
+
+def _train_into(spm, sample: list[str], out: Path, vocab_size: int, model_type: str, character_coverage: float,
+                num_threads: int) -> None:
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sample), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
@@ -162,10 +182,3 @@ def train_tokenizer(inputs: list[str], output: str | Path, vocab_size: int, mode
     except RuntimeError as exc:  # e.g. vocab_size larger than the sample supports
         raise DataError(f"SentencePiece training failed: {exc}; try a smaller --vocab-size or more input") from exc
     (out / "tokenizer.vocab").unlink(missing_ok=True)  # a debugging aid only; the .model holds it all
-    meta = {"vocab_size": vocab_size, "model_type": model_type, "unk_id": UNK_ID, "bos_id": BOS_ID,
-            "eos_id": EOS_ID, "eod_id": EOS_ID, "pad_id": PAD_ID, "byte_fallback": True,
-            "sources": [str(p) for p in inputs], "json_key": json_key, "sampled_lines": len(sample),
-            "documents": stats.docs, "empty_skipped": stats.empty, "bad_skipped": stats.bad,
-            "sentencepiece_version": spm.__version__}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Tokenizer.load(out)

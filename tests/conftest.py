@@ -3,6 +3,8 @@
     corpus_jsonl   Path  ~0.5 MB jsonl {"text": ...} from tools/make_corpus.py
     tokenizer_dir  Path  SentencePiece BPE, vocab 512, trained with bigllm.tokenizer.train_tokenizer
     shard_prefix   str   corpus_jsonl preprocessed to <prefix>.bin/.idx (EOD appended)
+    small_data     (tokenizer, prefix) of a word-salad corpus with a 300-token vocabulary
+    small_run      small_run(tp, pp, dp, **overrides): 2-step runs on it, one per layout, shared
     tiny_run       dict  a trained TP2xPP2 checkpoint of the tiny config on a task-like corpus
                          (its own tokenizer and shards, and held-out data): evaluation, generation,
                          BLEU and plan tests read it (a test that writes copies it first)
@@ -17,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import base_overrides, make_corpus, make_shard, make_tokenizer, run_ok
+from train_utils import (ROOT, base_overrides, make_corpus, make_shard, make_small_data, make_tokenizer, run_ok,
+                         small_overrides)
+
+sys.path.insert(0, str(ROOT / "tools"))  # the quickstart's task data (tools/quickstart_task.py)
 
 # DeepSpeed picks its CPU accelerator by itself; setting it silences the warning in every test.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,10 +43,33 @@ def shard_prefix(corpus_jsonl, tokenizer_dir, tmp_path_factory) -> str:
     return make_shard(corpus_jsonl, tokenizer_dir, str(tmp_path_factory.mktemp("shard") / "corpus"))
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(tokenizer dir, shard prefix) of the conversion tests' word-salad corpus (vocab 300)."""
+    return make_small_data(tmp_path_factory.mktemp("small_data"))
+
+
+@pytest.fixture(scope="session")
+def small_run(small_data, tmp_path_factory):
+    """small_run(tp, pp, dp=1, **overrides) -> the run dir of a 2-step run on small_data in that
+    layout, trained on first use and shared by the session (tests copy a run before changing it)."""
+    made = {}
+
+    def get(tp: int, pp: int, dp: int = 1, **extra) -> Path:
+        key = (tp, pp, dp, tuple(sorted(extra.items())))
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp(f"small_tp{tp}pp{pp}dp{dp}")
+            run_ok(tp * pp * dp, small_overrides(*small_data, run_dir, tp, pp, **extra))
+            made[key] = run_dir
+        return made[key]
+
+    return get
+
+
 def _task_data(base: Path) -> tuple[Path, Path, Path]:
     """Task-like corpus -> tokenizer (vocab 320: 64-padding leaves rows to drop) -> shard; held-out jsonl."""
     from bigllm.data.preprocess import preprocess
-    from bigllm.evaluate.quickstart import task_documents
+    from quickstart_task import task_documents
     from bigllm.tokenizer import train_tokenizer
 
     docs = task_documents(400, seed=0) + [

@@ -67,8 +67,8 @@ def test_bad_pairs_are_one_line_errors(line, needle, tmp_path, capsys):
 
 def test_quickstart_task_data_and_plot(tmp_path):
     """The quickstart's held-out split, task pairs and the loss/lr plot."""
-    from bigllm.evaluate.plot import plot_training
-    from bigllm.evaluate.quickstart import ITEMS_PER_LINE, prepare_eval_data
+    from bigllm.train.plot import plot_training
+    from quickstart_task import ITEMS_PER_LINE, prepare_eval_data
 
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(100)))
     info = prepare_eval_data(tmp_path, heldout_fraction=0.1, task_docs=20, pairs=5)

@@ -1,7 +1,7 @@
 """Checkpoint tools on real multi-process checkpoints: consolidate across layouts, reshard, errors.
 
-One tiny run per layout (tp, pp) in (1,1), (2,1), (1,2), (2,2), made once for the module, and
-one per ZeRO source below (stages 1-3, fp32 and bf16), made on first use.
+One tiny run per layout (tp, pp) in (1,1), (2,1), (1,2), (2,2) and one per ZeRO source below
+(stages 1-3, fp32 and bf16): conftest's session runs (`small_run`), made on first use.
 Init is layout-invariant, so after the same training steps every layout's consolidated weights
 agree with the single-process ones up to float reassociation (measured ~6e-6 after 2 Adam steps).
 """
@@ -9,94 +9,31 @@ agree with the single-process ones up to float reassociation (measured ~6e-6 aft
 from __future__ import annotations
 
 import json
-import os
-import random
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from train_utils import ROOT, base_overrides, run_ok, train_losses
+from train_utils import bigllm_cli, run_ok, small_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 CROSS_LAYOUT_ATOL = 1e-5
-WORDS = ("alpha beta gamma delta model token layer pipeline tensor shard gradient optimizer loss "
-         "naïve café 日本 übung").split()
-
-
-def make_data(root):
-    """A small SentencePiece tokenizer (vocab 300) and one .bin/.idx shard."""
-    from bigllm.data.preprocess import preprocess
-    from bigllm.tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    corpus = root / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for _ in range(400):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))}) + "\n")
-    train_tokenizer([str(corpus)], root / "tok", vocab_size=300)
-    preprocess([str(corpus)], str(root / "tok"), str(root / "corpus"), progress=False)
-    return root / "tok", root / "corpus"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("convert_data"))
-
-
-def train_overrides(tok, prefix, run_dir, tp, pp, steps=2, **extra):
-    # vocab 300 -> padded 320: the export must drop the 20 padding rows.
-    return base_overrides(tok, prefix, run_dir, **{
-        "train.max_steps": steps, "parallel.tp": tp, "parallel.pp": pp, "train.global_batch_size": 4,
-        "train.micro_batch_size": 2, "model.seq_length": 64, "data.split": "90,10,0", **extra})
+def data(small_data):
+    return small_data
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-    """(tp, pp) -> run dir of a 2-step fp32 ZeRO-0 run."""
-    tok, prefix = data
-    out = {}
-    for tp, pp in LAYOUTS:
-        run_dir = tmp_path_factory.mktemp(f"run_tp{tp}pp{pp}")
-        run_ok(tp * pp, train_overrides(tok, prefix, run_dir, tp, pp))
-        out[(tp, pp)] = run_dir
-    return out
+def runs(small_run):
+    """(tp, pp) -> run dir of a 2-step fp32 ZeRO-0 run (conftest's session runs)."""
+    return {(tp, pp): small_run(tp, pp) for tp, pp in LAYOUTS}
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bigllm", "convert", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bigllm_logits(state: dict, cfg, vocab_size: int, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [b, s] -> logits [b, s, V] of `CausalLM` at tp = 1 (one gloo process) with `state`."""
-    from bigllm.config import ParallelConfig
-    from bigllm.model.build import CausalLM
-    from bigllm.parallel.context import destroy_parallel, init_parallel
-
-    saved = dict(os.environ)  # restored after: torchrun children must not inherit RANK/WORLD_SIZE
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_parallel(ParallelConfig(), 0)
-    try:
-        model = CausalLM(cfg.model, vocab_size, 1, "fp32", 0).eval()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-        with torch.no_grad():
-            return model(tokens).transpose(0, 1)
-    finally:
-        destroy_parallel()
-        os.environ.clear()
-        os.environ.update(saved)
+    return bigllm_cli("convert", *args)
 
 
 def test_consolidate_every_layout_matches_single_process(runs, tmp_path):
@@ -121,12 +58,11 @@ def test_consolidate_every_layout_matches_single_process(runs, tmp_path):
 def test_consolidate_is_exact_on_the_same_layout(runs, tmp_path):
     """Merge then cut then merge: the (2,2) files round-trip bit for bit."""
     from bigllm.model import structure
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.source import iter_canonical, open_source
+    from bigllm.checkpoint import open_native
 
-    src = open_source(runs[(2, 2)])
-    full = consolidate_state(src, progress=False)
-    for name, shards in iter_canonical(src):
+    src = open_native(runs[(2, 2)])
+    full = src.weights()
+    for name, shards in src.iter_weights():
         for got, want in zip(structure.split_tp(name, full[name], 2), shards):
             assert torch.equal(got, want), name
 
@@ -134,23 +70,22 @@ def test_consolidate_is_exact_on_the_same_layout(runs, tmp_path):
 def test_reshard_round_trip_through_every_layout_is_exact(runs, tmp_path):
     """(2,2) -> (1,1) -> (2,1) -> (1,2) -> (2,2): every hop's weights and AdamW moments equal the
     source's bit for bit, and the final files equal the original (2,2) shards."""
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.reshard import read_moments, reshard
-    from bigllm.convert.source import iter_canonical, open_source
+    from bigllm.convert.reshard import reshard
+    from bigllm.checkpoint import open_native
 
-    src = open_source(runs[(2, 2)])
-    weights, (moments, _, _) = consolidate_state(src, progress=False), read_moments(src)
+    src = open_native(runs[(2, 2)])
+    weights, (moments, _, _) = src.weights(), src.optimizer()
     hop = runs[(2, 2)]
     for i, (tp, pp) in enumerate([(1, 1), (2, 1), (1, 2), (2, 2)]):
         hop = reshard(hop, tp, pp, tmp_path / f"hop{i}")
-        got = open_source(hop)
-        got_weights, (got_moments, _, _) = consolidate_state(got, progress=False), read_moments(got)
+        got = open_native(hop)
+        got_weights, (got_moments, _, _) = got.weights(), got.optimizer()
         assert list(got_weights) == list(weights)
         assert all(torch.equal(got_weights[n], weights[n]) for n in weights), (tp, pp)
         assert got_moments.keys() == moments.keys()
         for name, m in moments.items():
             assert all(torch.equal(got_moments[name][k], m[k]) for k in ("exp_avg", "exp_avg_sq")), (tp, pp, name)
-    for (name, shards), (_, original) in zip(iter_canonical(open_source(hop)), iter_canonical(src)):
+    for (name, shards), (_, original) in zip(open_native(hop).iter_weights(), src.iter_weights()):
         assert all(torch.equal(a, b) for a, b in zip(shards, original)), name
 
 
@@ -163,8 +98,8 @@ def test_reshard_resumes_with_the_same_first_loss(runs, data, tmp_path):
     shutil.copytree(runs[(1, 2)], orig)
     proc = cli("reshard", "--checkpoint", runs[(1, 2)], "--tp", 2, "--pp", 1, "--output", tmp_path / "new")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run_ok(2, train_overrides(tok, prefix, orig, 1, 2, steps=3))
-    run_ok(2, train_overrides(tok, prefix, tmp_path / "new", 2, 1, steps=3))
+    run_ok(2, small_overrides(tok, prefix, orig, 1, 2, steps=3))
+    run_ok(2, small_overrides(tok, prefix, tmp_path / "new", 2, 1, steps=3))
     a, b = train_losses(orig), train_losses(tmp_path / "new")
     assert abs(a[3] - b[3]) <= 1e-6, (a, b)
 
@@ -215,16 +150,11 @@ BF16_RESUME_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def zero_run(data, tmp_path_factory):
-    """name -> run dir of a ZERO_SOURCES run, trained on first use and shared by the module."""
-    made = {}
-
+def zero_run(small_run):
+    """name -> run dir of a ZERO_SOURCES run, trained on first use and shared by the session."""
     def get(name):
-        if name not in made:
-            tp, pp, dp, extra = ZERO_SOURCES[name]
-            made[name] = tmp_path_factory.mktemp(name)
-            run_ok(tp * pp * dp, train_overrides(*data, made[name], tp, pp, **extra))
-        return made[name]
+        tp, pp, dp, extra = ZERO_SOURCES[name]
+        return small_run(tp, pp, dp, **extra)
 
     return get
 
@@ -237,9 +167,9 @@ def resume_both(data, name, src_dir, new_dir, new_layout, tmp_path, steps=4):
     tp, pp, dp, extra = ZERO_SOURCES[name]
     orig = tmp_path / "orig"
     shutil.copytree(src_dir, orig)
-    run_ok(tp * pp * dp, train_overrides(*data, orig, tp, pp, steps=steps, **extra))
+    run_ok(tp * pp * dp, small_overrides(*data, orig, tp, pp, steps=steps, **extra))
     precision = {k: v for k, v in extra.items() if k == "train.precision"}
-    run_ok(2, train_overrides(*data, new_dir, *new_layout, steps=steps, **precision))
+    run_ok(2, small_overrides(*data, new_dir, *new_layout, steps=steps, **precision))
     return train_losses(orig), train_losses(new_dir)
 
 
@@ -273,12 +203,11 @@ def test_reshard_zero_optimizer_resumes_like_the_original(zero_run, data, tmp_pa
 def test_zero_moments_of_every_stage_and_layout_agree(zero_run, runs):
     """The moments gathered from ZeRO-1/2/3 shards (tp/pp/dp in several layouts) equal the per-parameter
     moments of the ZeRO-0 single-process run, up to float reassociation (measured 2e-9)."""
-    from bigllm.convert.reshard import read_optimizer
-    from bigllm.convert.source import open_source
+    from bigllm.checkpoint import open_native
 
-    ref, ref_groups, ref_sched = read_optimizer(open_source(runs[(1, 1)]))
+    ref, ref_groups, ref_sched = open_native(runs[(1, 1)]).optimizer()
     for name in ("zero1_dp2", "zero2_dp2", "zero1_tp2pp2", "zero3_tp2dp2"):
-        moments, groups, sched = read_optimizer(open_source(zero_run(name)))
+        moments, groups, sched = open_native(zero_run(name)).optimizer()
         assert sorted(moments) == sorted(ref), name
         assert [g["lr"] for g in groups] == [g["lr"] for g in ref_groups] and sched == ref_sched, name
         for param, state in moments.items():
@@ -333,16 +262,14 @@ def test_reshard_bf16_zero1_resumes_with_its_masters_and_moments(zero_run, data,
     for step in (3, 4):
         assert abs(a[step] - b[step]) <= BF16_RESUME_ATOL, (step, a, b)
     # the resumed run saved DeepSpeed's own bf16 ZeRO-0 checkpoint: its masters and moments read back
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.reshard import read_optimizer
-    from bigllm.convert.source import open_source
+    from bigllm.checkpoint import open_native
 
-    src = open_source(tmp_path / "new")
-    assert src.step == 4 and src.meta["layout"]["zero_stage"] == 0
-    masters, weights = consolidate_state(src, "fp32", progress=False), consolidate_state(src, "bf16", progress=False)
+    src = open_native(tmp_path / "new")
+    assert src.step == 4 and src.zero_stage == 0
+    masters, weights = src.weights("fp32"), src.weights("bf16")
     assert all(torch.equal(masters[n].to(torch.bfloat16), weights[n]) for n in weights)
     assert any(not torch.equal(masters[n], weights[n].float()) for n in weights)
-    moments, _, sched = read_optimizer(src)
+    moments, _, sched = src.optimizer()
     assert sched["last_epoch"] == 4
     assert all(int(m["step"]) == 4 and m["exp_avg"].abs().sum() > 0 for m in moments.values())
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_utils import base_overrides, run_ok
 
 pytestmark = pytest.mark.slow
 REL_TOL = 1e-4
@@ -147,15 +146,10 @@ def test_bad_input_is_one_line(args, needle, tiny, tmp_path, capsys):
 
 # ----- several processes, the checkpoint's own layout ---------------------------------------
 def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path):
-    import subprocess
-    import sys
+    from train_utils import launch
 
-    from train_utils import ROOT, clean_env
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "bigllm",
-           "evaluate", "perplexity", "--checkpoint", str(checkpoint), "--data", str(data), "--seq-len", "48",
-           "--stride", "24", "--batch-size", "4", "--output", str(report), "--quiet"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+    return launch(nproc, ["evaluate", "perplexity", "--checkpoint", checkpoint, "--data", data, "--seq-len", 48,
+                          "--stride", 24, "--batch-size", 4, "--output", report, "--quiet"])
 
 
 def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):

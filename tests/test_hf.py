@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from test_convert import bigllm_logits, cli, data, train_overrides  # noqa: F401 (data is a fixture)
-from train_utils import run_ok, train_losses
+from train_utils import bigllm_cli, model_logits, run_ok, small_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -32,19 +31,21 @@ def hf_model(tmp_path, tie: bool, vocab: int = 300):
 
 
 @pytest.fixture(scope="module")
-def run22(data, tmp_path_factory):
-    """A 2-step tp=2 x pp=2 run (4 gloo processes)."""
-    run_dir = tmp_path_factory.mktemp("hf_run_tp2pp2")
-    run_ok(4, train_overrides(*data, run_dir, 2, 2))
-    return run_dir
+def data(small_data):
+    return small_data
+
+
+@pytest.fixture(scope="module")
+def run22(small_run):
+    """A 2-step tp=2 x pp=2 run (4 gloo processes; the session's, shared with test_convert)."""
+    return small_run(2, 2)
 
 
 def consolidated(run_dir):
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.source import open_source
+    from bigllm.checkpoint import open_native
 
-    src = open_source(run_dir)
-    return consolidate_state(src, progress=False), src
+    src = open_native(run_dir)
+    return src.weights(), src
 
 
 def test_to_hf_logits_and_tokenizer_match(run22, data, tmp_path):
@@ -52,7 +53,7 @@ def test_to_hf_logits_and_tokenizer_match(run22, data, tmp_path):
 
     from bigllm.tokenizer import Tokenizer
 
-    proc = cli("to-hf", "--checkpoint", run22, "--output", tmp_path / "hf")
+    proc = bigllm_cli("convert", "to-hf", "--checkpoint", run22, "--output", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["vocab_size"] == 300 and config["num_key_value_heads"] == 2 and not config["tie_word_embeddings"]
@@ -61,7 +62,7 @@ def test_to_hf_logits_and_tokenizer_match(run22, data, tmp_path):
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hf_logits = model(tokens).logits
-    torch.testing.assert_close(hf_logits, bigllm_logits(state, src.cfg, src.vocab_size, tokens)[..., :300], **TOL)
+    torch.testing.assert_close(hf_logits, model_logits(state, src.cfg, src.vocab_size, tokens)[..., :300], **TOL)
 
     hf_tok, ours = AutoTokenizer.from_pretrained(tmp_path / "hf"), Tokenizer.load(data[0])
     for text in TEXTS:
@@ -74,16 +75,16 @@ def test_from_hf_logits_match_and_round_trip(tie, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, path = hf_model(tmp_path, tie)
-    proc = cli("from-hf", "--input", path, "--output", tmp_path / "run", "--tp", 2, "--pp", 2)
+    proc = bigllm_cli("convert", "from-hf", "--input", path, "--output", tmp_path / "run", "--tp", 2, "--pp", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     state, src = consolidated(tmp_path / "run")
     assert src.tp == 2 and src.pp == 2 and src.cfg.model.tie_embeddings == tie
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(tokens).logits
-    torch.testing.assert_close(bigllm_logits(state, src.cfg, src.vocab_size, tokens)[..., :300], want, **TOL)
+    torch.testing.assert_close(model_logits(state, src.cfg, src.vocab_size, tokens)[..., :300], want, **TOL)
     # and back: bigllm -> HF gives the original model's logits
-    assert cli("to-hf", "--checkpoint", tmp_path / "run", "--output", tmp_path / "back").returncode == 0
+    assert bigllm_cli("convert", "to-hf", "--checkpoint", tmp_path / "run", "--output", tmp_path / "back").returncode == 0
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, want, **TOL)
@@ -92,9 +93,9 @@ def test_from_hf_logits_match_and_round_trip(tie, tmp_path):
 def test_from_hf_checkpoint_resumes_in_bigllm_train(data, tmp_path):
     tok, prefix = data
     _, path = hf_model(tmp_path, tie=False)
-    assert cli("from-hf", "--input", path, "--output", tmp_path / "run", "--tp", 2, "--pp", 2,
+    assert bigllm_cli("convert", "from-hf", "--input", path, "--output", tmp_path / "run", "--tp", 2, "--pp", 2,
                "--tokenizer", tok).returncode == 0
-    over = train_overrides(tok, prefix, tmp_path / "run", 2, 2, steps=1, **{
+    over = small_overrides(tok, prefix, tmp_path / "run", 2, 2, steps=1, **{
         "model.hidden_size": 64, "model.num_layers": 2, "model.ffn_hidden_size": 160, "model.vocab_size": 300,
         "model.make_vocab_size_divisible_by": 4, "model.norm_eps": 1e-5})
     proc = run_ok(4, over)
@@ -109,6 +110,6 @@ def test_from_hf_refuses_unsupported_architectures(field, value, tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg[field] = value
     (path / "config.json").write_text(json.dumps(cfg))
-    proc = cli("from-hf", "--input", path, "--output", tmp_path / "run")
+    proc = bigllm_cli("convert", "from-hf", "--input", path, "--output", tmp_path / "run")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("bigllm convert: error:") and field in last, proc.stderr

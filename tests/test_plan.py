@@ -4,21 +4,17 @@ and `bigllm slurm submit` refusing a plan that does not fit."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from train_utils import ROOT
+from train_utils import ROOT, bigllm_cli
 
 TARGETS = {"llama-125m.yaml": (1, 8), "llama-1b.yaml": (1, 8), "llama-7b.yaml": (4, 8)}
 
 
-def bigllm(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "bigllm", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+def bigllm(*args) -> subprocess.CompletedProcess:
+    return bigllm_cli(*args, timeout=120, env_extra={"PYTHONWARNINGS": "ignore"})
 
 
 def plan_json(*args) -> dict:
@@ -49,11 +45,10 @@ def test_acceptance_llama_7b_table():
 
 def test_params_equal_the_checkpoint(tiny_run):
     """The plan's parameter count equals the tensors a trained checkpoint holds (padded vocabulary)."""
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.source import open_source
+    from bigllm.checkpoint import open_native
 
-    src = open_source(tiny_run["run"])
-    held = sum(t.numel() for t in consolidate_state(src, progress=False).values())
+    src = open_native(tiny_run["run"])
+    held = sum(t.numel() for t in src.weights().values())
     plan = plan_json(tiny_run["run"] / "config.yaml", "--nodes", 1, "--gpus-per-node", 4)
     assert plan["params_total"] == held
     assert plan["vocab_size"] == src.vocab_size  # read from the run's tokenizer, then padded

@@ -267,7 +267,8 @@ def chunk_holding(path, line: int, chunk_docs: int, workers: int = 2) -> int:
 
 
 def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jsonl, tokenizer_dir):
-    """A run that dies half-way (bad line after the first chunks) leaves the old shard intact."""
+    """A run that dies half-way (bad line after the first chunks) leaves the old shard intact, even
+    with --overwrite; without it, an existing shard is refused before anything is read."""
     prefix = tmp_path / "good"
     for ext in (".bin", ".idx"):
         (tmp_path / f"good{ext}").write_bytes(Path(shard_prefix + ext).read_bytes())
@@ -282,7 +283,10 @@ def test_failed_run_keeps_existing_good_shard(tmp_path, shard_prefix, corpus_jso
     for chunk_docs in sizes.values():
         with pytest.raises(DataError, match=rf"broken\.jsonl:{bad_line}: malformed JSON"):
             preprocess([str(broken)], str(tokenizer_dir), str(prefix), workers=2, chunk_docs=chunk_docs,
-                       progress=False)
+                       progress=False, overwrite=True)
+    assert digest(f"{prefix}.bin", f"{prefix}.idx") == before
+    with pytest.raises(DataError, match="exist; nothing was written.*--overwrite"):  # without it: refused at once
+        preprocess([str(corpus_jsonl)], str(tokenizer_dir), str(prefix), progress=False)
     assert digest(f"{prefix}.bin", f"{prefix}.idx") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "good.bin", "good.idx"]
 

@@ -9,13 +9,12 @@ import pickle
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from train_utils import ROOT, TINY, base_overrides, clean_env, run_ok, torchrun, train_losses
+from train_utils import TINY, base_overrides, launch, run_ok, torchrun, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -24,10 +23,7 @@ STEPS = 6
 
 
 def _launch(nproc: int, overrides: list[str], **env) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "bigllm", "train", str(TINY), *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return launch(nproc, ["train", TINY, *overrides], env_extra=env, popen=True)
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:

@@ -29,11 +29,60 @@ def make_corpus(path: Path) -> Path:
     return path
 
 
-def make_tokenizer(corpus: Path, out: Path) -> Path:
+def make_tokenizer(corpus: Path, out: Path, vocab_size: int = TEST_VOCAB) -> Path:
     from bigllm.tokenizer import train_tokenizer
 
-    train_tokenizer([str(corpus)], out, vocab_size=TEST_VOCAB, max_sentences=20_000)
+    train_tokenizer([str(corpus)], out, vocab_size=vocab_size, max_sentences=20_000)
     return out
+
+
+SMALL_WORDS = ("alpha beta gamma delta model token layer pipeline tensor shard gradient optimizer loss "
+               "naïve café 日本 übung").split()
+
+
+def make_small_data(root: Path) -> tuple[Path, Path]:
+    """A word-salad corpus, its SentencePiece tokenizer (vocab 300: padded to 320, so exports drop
+    rows) and one .bin/.idx shard: the conversion tests' data."""
+    import random
+
+    rng = random.Random(0)
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": " ".join(rng.choice(SMALL_WORDS) for _ in range(rng.randint(20, 80)))}) + "\n")
+    make_tokenizer(corpus, root / "tok", vocab_size=300)
+    make_shard(corpus, root / "tok", str(root / "corpus"))
+    return root / "tok", root / "corpus"
+
+
+def small_overrides(tok, prefix, run_dir, tp, pp, steps=2, **extra) -> list[str]:
+    """2-step runs of the tiny model on the small data: seq 64, global batch 4."""
+    return base_overrides(tok, prefix, run_dir, **{
+        "train.max_steps": steps, "parallel.tp": tp, "parallel.pp": pp, "train.global_batch_size": 4,
+        "train.micro_batch_size": 2, "model.seq_length": 64, "data.split": "90,10,0", **extra})
+
+
+def model_logits(state: dict, cfg, vocab_size: int, tokens):
+    """tokens [b, s] -> logits [b, s, V] of `CausalLM` at tp = 1 (one gloo process) with `state`."""
+    import torch
+
+    from bigllm.config import ParallelConfig
+    from bigllm.model.build import CausalLM
+    from bigllm.parallel.context import destroy_parallel, init_parallel
+
+    saved = dict(os.environ)  # restored after: torchrun children must not inherit RANK/WORLD_SIZE
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    init_parallel(ParallelConfig(), 0)
+    try:
+        model = CausalLM(cfg.model, vocab_size, 1, "fp32", 0).eval()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            return model(tokens).transpose(0, 1)
+    finally:
+        destroy_parallel()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def make_shard(corpus: Path, tokenizer_dir: Path, prefix: str) -> str:
@@ -55,12 +104,28 @@ def base_overrides(tokenizer_dir, shard_prefix, run_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def launch(nproc: int, argv: list, timeout: int = 300, env_extra: dict | None = None, popen: bool = False):
+    """`torchrun --standalone --nproc-per-node N -m bigllm ARGV...`: the tests' one launcher.
+    popen=True returns the running Popen (own session, pipes), else the finished CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "bigllm", *map(str, argv)]
+    env = clean_env(**(env_extra or {}))
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
              env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = clean_env(**(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "bigllm", "train", str(config), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
+
+
+def bigllm_cli(*args, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """One `python -m bigllm ARGS...` process (no launcher)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bigllm", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
 
 
 def free_port() -> int:

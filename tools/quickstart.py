@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         shutil.rmtree(run_dir)
     step("1/4 generate a corpus of real English text", [py, "tools/make_corpus.py", "--output",
          str(work / "corpus.jsonl"), "--max-mb", "4"], env)
-    from bigllm.evaluate.quickstart import evaluate_quickstart, prepare_eval_data
+    from quickstart_task import evaluate_quickstart, prepare_eval_data  # beside this script
 
     prepare_eval_data(work)  # held-out text, task documents mixed in, held-out task prompt pairs
     step("2/4 train a SentencePiece tokenizer", [py, "-m", "bigllm", "tokenizer", "train", "--input",

@@ -9,12 +9,18 @@
 from bigllm.commands import lazy
 
 
+def _overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty --output (written beside it, then renamed over it)")
+
+
 def _consolidate(sub) -> None:
     p = sub.add_parser("consolidate", help="merge a tp/pp-sharded checkpoint into one safetensors file",
                        description="Write OUT/model.safetensors (tp=1, pp=1 names), OUT/config.yaml, OUT/meta.json.")
     p.add_argument("--checkpoint", required=True, help="run dir (uses checkpoints/latest) or checkpoint tag dir")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written weights")
+    _overwrite(p)
     p.set_defaults(handler=lazy("bigllm.convert.consolidate:cli_consolidate"))
 
 
@@ -24,6 +30,7 @@ def _to_hf(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint tag dir, or a consolidated dir")
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded in the checkpoint)")
+    _overwrite(p)
     p.set_defaults(handler=lazy("bigllm.convert.hf:cli_to_hf"))
 
 
@@ -35,6 +42,7 @@ def _from_hf(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     p.add_argument("--tokenizer", help="bigllm tokenizer dir to record in the config (data.tokenizer)")
+    _overwrite(p)
     p.set_defaults(handler=lazy("bigllm.convert.hf:cli_from_hf"))
 
 
@@ -47,6 +55,7 @@ def _reshard(sub) -> None:
     p.add_argument("--output", required=True, help="run dir to create")
     p.add_argument("--reset-optimizer", action="store_true",
                    help="start AdamW moments from zero instead of resharding them")
+    _overwrite(p)
     p.set_defaults(handler=lazy("bigllm.convert.reshard:cli_reshard"))
 
 

@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--word-cache", type=int, default=None, metavar="N",
                    help="words each worker caches (BPE tokenizers; output is identical either way); "
                    "0 turns the cache off (default 200000)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT_PREFIX.bin/.idx (the new shard is renamed over it once complete)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(handler=lazy("bigllm.commands.preprocess:run"))
 
@@ -39,7 +41,7 @@ def run(args) -> int:
     if args.merge:
         from bigllm.data.merge import merge_shards
 
-        result = merge_shards(args.merge, args.output_prefix)
+        result = merge_shards(args.merge, args.output_prefix, overwrite=args.overwrite)
     else:
         if not args.tokenizer:
             raise BigLLMError("--tokenizer DIR is required to preprocess --input files")
@@ -49,7 +51,7 @@ def run(args) -> int:
 
         result = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                             workers=args.workers, append_eod=args.append_eod, skip_bad=args.skip_bad,
-                            progress=args.progress,
+                            progress=args.progress, overwrite=args.overwrite,
                             **({} if args.chunk_docs is None else {"chunk_docs": args.chunk_docs}),
                             **({} if args.word_cache is None else {"word_cache": args.word_cache}))
     print(result.summary())

@@ -23,6 +23,7 @@ def register(sub) -> None:
                    help="share of characters covered by pieces; the rest fall back to bytes")
     t.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     t.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output directory")
     t.set_defaults(handler=lazy("bigllm.commands.tokenizer:run_train"))
 
 
@@ -32,7 +33,8 @@ def run_train(args) -> int:
 
     tok = train_tokenizer(args.input, args.output, args.vocab_size, model_type=args.model_type,
                           json_key=args.json_key, max_sentences=args.max_sentences, skip_bad=args.skip_bad,
-                          character_coverage=args.character_coverage, num_threads=args.threads)
+                          character_coverage=args.character_coverage, num_threads=args.threads,
+                          overwrite=args.overwrite)
     print(f"wrote {tok.model_path} (vocab {tok.vocab_size}, {args.model_type}; unk={tok.unk} bos={tok.bos} "
           f"eos=eod={tok.eos} pad={tok.pad})")
     return 0

@@ -5,8 +5,8 @@
     bigllm convert from-hf --input HF_DIR --output RUN_DIR [--tp N --pp M]
     bigllm convert reshard --checkpoint RUN_DIR --tp N --pp M --output OUT
 
-`layout` names the canonical (tp = pp = 1) tensors and cuts them per rank; `source` reads
-training checkpoints; `zero` gathers fp32 masters and AdamW moments from DeepSpeed's ZeRO-1/2/3
-optimizer shards; `native` writes checkpoints DeepSpeed's engine loads; `hf` maps to and from
-`transformers.LlamaForCausalLM`.
+The commands only: reading and writing checkpoints is `bigllm.checkpoint`'s, the tensor names,
+tp split rules and the Hugging Face mapping are beside the model (`bigllm.model.structure`,
+`bigllm.model.hf_adapter`). Every command writes a new directory (beside the target, then
+renamed) and refuses an existing, non-empty --output unless --overwrite.
 """

@@ -111,30 +111,21 @@ def _existing_prefixes(prefixes: list[str]) -> list[str]:
     if not prefixes:
         raise ConfigError("data.prefixes is empty; give at least one shard prefix "
                           "(PREFIX.bin / PREFIX.idx written by `bigllm preprocess`)")
-    out = []
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise DataError(f"data.prefixes: {prefix + suffix} does not exist; "
-                                f"`bigllm preprocess` writes PREFIX.bin and PREFIX.idx")
-        out.append(os.path.abspath(prefix))
-    return out
+    return [os.path.abspath(prefix) for prefix in prefixes]
 
 
 def _shard_sizes(prefixes: list[str]) -> tuple[list[int], list[int]]:
-    """(documents, tokens) per prefix, read from the .idx files (memory-mapped, cheap)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """(documents, tokens) per prefix, from the .idx files, each checked against its .bin first."""
+    from bigllm.data.shards import check_shard
 
     docs, tokens = [], []
     for prefix in prefixes:
         # GPTDataset splits by sequence; `bigllm preprocess` writes one sequence per document.
-        # Keep the dataset referenced while reading: its lengths view the mmap it closes on __del__.
-        shard = IndexedDataset(prefix, mmap=True)
-        if len(shard.sequence_lengths) == 0:
+        info = check_shard(prefix)
+        if info.sequences == 0:
             raise DataError(f"{prefix}.idx holds no documents; re-run `bigllm preprocess`")
-        docs.append(len(shard.sequence_lengths))
-        tokens.append(int(shard.sequence_lengths.sum()))
-        del shard
+        docs.append(info.sequences)
+        tokens.append(info.tokens)
     return docs, tokens
 
 

@@ -11,18 +11,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bigllm.data.preprocess import PreprocessResult, indexed_dataset_module, shard_writer
+from bigllm.data.preprocess import PreprocessResult, check_new_shard, indexed_dataset_module, shard_writer
 from bigllm.errors import DataError
 
 
 def _check_prefix(prefix: str) -> None:
+    from bigllm.data.shards import check_shard
+
     missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
     if missing:
         raise DataError(f"shard '{prefix}' is incomplete or missing ({', '.join(missing)} not found); "
                         "give prefixes written by 'bigllm preprocess' (without .bin/.idx)")
+    check_shard(prefix)
 
 
-def merge_shards(prefixes: list[str], output_prefix: str) -> PreprocessResult:
+def merge_shards(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> PreprocessResult:
     """Write `output_prefix`.bin/.idx holding every document of `prefixes`, in order."""
     IndexedDataset = indexed_dataset_module().IndexedDataset
     if not prefixes:
@@ -31,6 +34,7 @@ def merge_shards(prefixes: list[str], output_prefix: str) -> PreprocessResult:
         raise DataError(f"--output-prefix '{output_prefix}' is also an input of the merge; choose a new prefix")
     for prefix in prefixes:
         _check_prefix(prefix)
+    check_new_shard(output_prefix, overwrite)
     start = time.perf_counter()
     datasets = [IndexedDataset(p, mmap=True) for p in prefixes]
     dtypes = {ds.index.dtype for ds in datasets}

@@ -283,6 +283,14 @@ def _write_chunk(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
     builder.document_indices[-1:] = range(first + 1, first + 1 + lengths.size)
 
 
+def check_new_shard(prefix: str, overwrite: bool) -> None:
+    """Refuse to replace an existing shard unless `overwrite` (which replaces it only once complete)."""
+    existing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if Path(p).exists()]
+    if existing and not overwrite:
+        raise DataError(f"--output-prefix {prefix}: {' and '.join(existing)} exist; nothing was written. Choose a new "
+                        "prefix, or pass --overwrite to replace the shard")
+
+
 def token_dtype(vocab_size: int):
     """The token dtype megatron-core picks for this vocabulary (uint16 below 65500, else int32)."""
     return indexed_dataset_module().DType.optimal_dtype(vocab_size)
@@ -319,7 +327,7 @@ def _progress(enabled: bool):
 def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: str = "text",
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
                chunk_docs: int = CHUNK_DOCS, progress: bool = True, word_cache: int = MAX_WORDS,
-               chunk_bytes: int = CHUNK_BYTES) -> PreprocessResult:
+               chunk_bytes: int = CHUNK_BYTES, overwrite: bool = False) -> PreprocessResult:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; see the module docstring.
 
     `word_cache`: the most words each worker's cache holds (0 turns the cache off). The result's
@@ -329,6 +337,7 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     from bigllm.tokenizer import Tokenizer
 
     check_inputs(inputs)
+    check_new_shard(output_prefix, overwrite)
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     tok = Tokenizer.load(tokenizer)

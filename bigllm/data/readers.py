@@ -26,7 +26,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 

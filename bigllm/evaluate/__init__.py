@@ -5,8 +5,8 @@
     texts = generate_texts(lm, ["Once upon a time"], GenerationConfig(max_new_tokens=32))
     report = bleu_eval(lm, pairs, GenerationConfig(max_new_tokens=32))
 
-Modules: `loading` (checkpoint -> model + tokenizer, via bigllm.convert), `perplexity`
-(sliding-window NLL), `generate` (batched decoding with megatron's KV cache), `bleu` (sacrebleu corpus BLEU/chrF), `plot`
-(loss/lr curves), `quickstart` (the quickstart's evaluation step and task corpus), `cli`
+Modules: `loading` (checkpoint -> the training model + tokenizer, via bigllm.checkpoint),
+`perplexity` (sliding-window NLL), `parallel` (the same in the checkpoint's tp x pp layout),
+`generate` (batched decoding with megatron's KV cache), `bleu` (sacrebleu corpus BLEU/chrF), `cli`
 (handlers of `bigllm evaluate` / `bigllm generate`; bigllm/commands stays argparse-only).
 """

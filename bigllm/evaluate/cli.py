@@ -41,9 +41,8 @@ def _gen_config(args):
 def _tensorboard(info: dict, result) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
-    from bigllm.evaluate.loading import run_dir_of
-
-    run_dir = run_dir_of(info["checkpoint"]) if info["format"] == "bigllm" else None
+    tag_dir = Path(info["checkpoint"])  # RUN_DIR/checkpoints/step_N for a run's checkpoint
+    run_dir = tag_dir.parent.parent if info["format"] == "bigllm" and tag_dir.parent.name == "checkpoints" else None
     if run_dir is None:
         raise BigLLMError("--tensorboard needs a native checkpoint inside RUN_DIR/checkpoints "
                           "(the scalars go to RUN_DIR/tensorboard)")

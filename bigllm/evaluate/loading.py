@@ -5,9 +5,9 @@ processes in the checkpoint's own layout: bigllm.evaluate.parallel).
     lm = load_lm("runs/tiny/checkpoints/step_0000200")
     lm = load_lm("hf/tiny-llama")                    # Hugging Face Llama dir (config.json + safetensors)
 
-Native checkpoints of any layout are consolidated (bigllm.convert) to the canonical tp=1/pp=1
-`CausalLM` (fp32) and run in this process; Hugging Face dirs go through bigllm.convert's
-from-HF mapping; megatron's parallel state is initialised with a world of one. The tokenizer is
+Any path `bigllm.checkpoint.open_checkpoint` reads (native of any layout, consolidated, Hugging
+Face) gives its canonical tp=1/pp=1 weights, loaded into the training model (`CausalLM`, fp32)
+in this process; megatron's parallel state is initialised with a world of one. The tokenizer is
 the checkpoint's (native) or the dir's: its tokenizer.model (as `bigllm convert to-hf` writes it),
 else its transformers tokenizer (tokenizer.json / tokenizer_config.json, see `HFTokenizer`).
 `lm.info` describes the source for reports (path, step, layout, tokenizer).
@@ -15,7 +15,6 @@ else its transformers tokenizer (tokenizer.json / tokenizer_config.json, see `HF
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,29 +60,6 @@ def init_single_process(seed: int = 0) -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[str, Path, dict]:
-    """('native', tag_dir, meta) or ('hf', dir, config) for a run dir, checkpoints dir, tag dir or HF dir."""
-    from bigllm.train import checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint '{p}' does not exist; give --checkpoint a run dir, a "
-                              "RUN_DIR/checkpoints/step_N dir or a Hugging Face Llama dir")
-    if (p / "config.json").is_file():
-        return "hf", p, json.loads((p / "config.json").read_text())
-    if (p / checkpoint.META).is_file():
-        return "native", p, checkpoint.verify(p)
-    run_dir = p.parent if (p / "latest").is_file() else p
-    if (run_dir / "checkpoints").is_dir():
-        found = checkpoint.find_resumable(run_dir, warn=lambda m: None)
-        if found is None:
-            raise CheckpointError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/")
-        tag, meta = found
-        return "native", checkpoint.checkpoint_root(run_dir) / tag, meta
-    raise CheckpointError(f"'{p}' is neither a bigllm checkpoint (no meta.json, no checkpoints/) nor a "
-                          "Hugging Face directory (no config.json)")
 
 
 class HFTokenizer:
@@ -143,25 +119,6 @@ def load_tokenizer(path: str | Path | None, where: str):
     return Tokenizer.load(path)
 
 
-def _native_weights(tag_dir: Path) -> dict:
-    """Canonical tp=1/pp=1 state dict (fp32) of a training checkpoint of any layout (bigllm convert)."""
-    from bigllm.convert.consolidate import consolidate_state
-    from bigllm.convert.source import open_source
-
-    return consolidate_state(open_source(tag_dir), "fp32", progress=False)
-
-
-def _hf_weights(hf_dir: Path, config: dict) -> tuple[ModelConfig, int, dict]:
-    """(ModelConfig, padded vocab, canonical state) of a Hugging Face Llama dir (bigllm convert's mapping)."""
-    from bigllm.convert.hf import from_hf_state, model_config_from_hf, read_hf_weights
-    from bigllm.model.structure import padded_vocab_size
-
-    cfg = model_config_from_hf(config)
-    weights = read_hf_weights(hf_dir)
-    vocab = padded_vocab_size(cfg.vocab_size, cfg, 1)
-    return cfg, vocab, from_hf_state(weights, cfg, vocab)
-
-
 def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device) -> torch.nn.Module:
     """The training model (tp = pp = 1, fp32) with `state` loaded: the same layers as training."""
     from bigllm.model.build import CausalLM
@@ -182,38 +139,31 @@ def _device(device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def describe(kind: str, where: Path, meta: dict, tok_path, tok, cfg: ModelConfig, vocab: int) -> tuple[dict, int]:
-    """(provenance for reports, scored vocabulary size). Scored ids: the tokenizer's ids that have a
-    row (HF exports drop the tp padding rows)."""
-    real = min(tok.vocab_size, cfg.vocab_size or vocab, vocab)
-    native = kind == "native"
-    info = {"format": "bigllm" if native else "huggingface", "step": meta.get("step") if native else None,
-            "layout": meta.get("layout") if native else None, "checkpoint": str(Path(where).resolve()),
-            "tokenizer": str(Path(tok_path).resolve()), "vocab_size": vocab, "tokenizer_vocab_size": tok.vocab_size,
-            "scored_vocab_size": real}
-    if native:
-        info["consumed_samples"] = meta.get("consumed_samples")
-    return info, real
+def check_vocabularies(tok, ckpt, tok_path) -> int:
+    """The number of ids the model scores: the tokenizer's, which must fit the model's vocabulary."""
+    model_vocab = int(ckpt.tokenizer_vocab_size or ckpt.model_cfg.vocab_size or ckpt.vocab_size)
+    if tok.vocab_size > ckpt.vocab_size or tok.vocab_size > model_vocab:
+        raise CheckpointError(f"the tokenizer {tok_path} has {tok.vocab_size} tokens but the model in "
+                              f"{ckpt.describe()['checkpoint']} was trained with {model_vocab}; drop --tokenizer to use "
+                              "the checkpoint's own, or pass a tokenizer of at most that size")
+    return tok.vocab_size
+
+
+def describe(ckpt, tok_path, tok, scored: int) -> dict:
+    """Provenance for reports: the checkpoint's own description plus the tokenizer and vocabulary sizes."""
+    return {**ckpt.describe(), "tokenizer": str(Path(tok_path).resolve()), "vocab_size": ckpt.vocab_size,
+            "tokenizer_vocab_size": tok.vocab_size, "scored_vocab_size": scored}
 
 
 def load_lm(path: str | Path, tokenizer: str | None = None, device=None) -> LoadedLM:
-    """Model (eval mode) + tokenizer + provenance for a native checkpoint or a Hugging Face dir."""
-    kind, where, meta = resolve_checkpoint(path)
+    """Model (eval mode) + tokenizer + provenance for any checkpoint `open_checkpoint` reads."""
+    from bigllm.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path, warn=lambda message: None)
+    tok_path = tokenizer or ckpt.tokenizer_path
+    tok = load_tokenizer(tok_path, ckpt.describe()["checkpoint"])
+    scored = check_vocabularies(tok, ckpt, tok_path)
     dev = _device(device)
-    if kind == "native":
-        cfg = ModelConfig(**meta["config"]["model"])
-        vocab, state = int(meta["vocab_size"]), _native_weights(where)
-        tok_path = tokenizer or meta.get("tokenizer")
-    else:
-        cfg, vocab, state = _hf_weights(where, meta)
-        tok_path = tokenizer or where
-    tok = load_tokenizer(tok_path, where)
-    info, real = describe(kind, where, meta, tok_path, tok, cfg, vocab)
-    return LoadedLM(model=_build(cfg, vocab, state, dev), tokenizer=tok, cfg=cfg, vocab_size=vocab,
-                    device=dev, info=info, real_vocab=real)
-
-
-def run_dir_of(tag_dir: str | Path) -> Path | None:
-    """RUN_DIR for a native tag dir (RUN_DIR/checkpoints/step_N), else None."""
-    p = Path(tag_dir)
-    return p.parent.parent if p.parent.name == "checkpoints" else None
+    model = _build(ckpt.model_cfg, ckpt.vocab_size, ckpt.weights("fp32"), dev)
+    return LoadedLM(model=model, tokenizer=tok, cfg=ckpt.model_cfg, vocab_size=ckpt.vocab_size, device=dev,
+                    info=describe(ckpt, tok_path, tok, scored), real_vocab=scored)

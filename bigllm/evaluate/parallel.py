@@ -37,21 +37,12 @@ def launched_with_several_processes(environ=os.environ) -> bool:
 
 
 def masked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, real_vocab: int) -> torch.Tensor:
-    """[NLL sum (nats), tokens] (float64) of the masked targets.
+    """[NLL sum (nats), tokens] (float64) of the masked targets: logits [s, b, v/tp], targets/mask [b, s].
 
-    logits [s, b, v/tp] (this tp rank's vocabulary slice), targets/mask [b, s]. Columns past
-    `real_vocab` (tp padding rows) get -inf, so, as in the one-process path, only real tokens
-    share the probability mass.
-    """
-    from megatron.core import parallel_state, tensor_parallel
+    The per-token NLL is the training loss's (`bigllm.model.llama.token_nll`), over the real vocabulary."""
+    from bigllm.model.llama import token_nll
 
-    logits = logits.float()
-    per_rank = logits.size(-1)
-    first = parallel_state.get_tensor_model_parallel_rank() * per_rank
-    if first + per_rank > real_vocab:
-        logits = logits.clone()
-        logits[..., max(real_vocab - first, 0):] = float("-inf")
-    nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets.t().contiguous())  # [s, b]
+    nll = token_nll(logits, targets, real_vocab)  # [s, b]
     m = mask.t()
     return torch.stack([nll.double()[m].sum(), m.sum().double()])
 
@@ -72,16 +63,15 @@ class ShardedLM:
         return self.ctx.dims.pp > 1
 
 
-def _eval_run_config(meta: dict):
-    from bigllm.convert.source import run_config_from_dict
+def _eval_run_config(ckpt):
+    import copy
 
-    cfg = run_config_from_dict(meta["config"])
-    layout = meta["layout"]
-    if int(layout.get("zero_stage", 0)) == 3:
+    cfg = copy.deepcopy(ckpt.cfg)
+    if ckpt.zero_stage == 3:
         raise CheckpointError("a ZeRO-3 checkpoint keeps its weights in optimizer shards partitioned over the "
                               "training data-parallel ranks; evaluate it in one process (without torchrun), "
                               "or run 'bigllm convert consolidate' first")
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = int(layout["tp"]), int(layout["pp"]), 0
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = ckpt.tp, ckpt.pp, 0
     cfg.parallel.sequence_parallel = False  # windows of any length; the weights are the same
     cfg.train.precision = "fp32"
     return cfg
@@ -91,35 +81,32 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> Sh
     """Initialise tp x pp x dp groups for the checkpoint's layout and load this rank's shard."""
     import deepspeed
 
-    from bigllm.evaluate.loading import describe, load_tokenizer, resolve_checkpoint
+    from bigllm.checkpoint import Checkpoint, engine_io, files, open_checkpoint
+    from bigllm.evaluate.loading import check_vocabularies, describe, load_tokenizer
     from bigllm.model.build import build_model
     from bigllm.parallel.context import MegatronMPU, init_parallel
-    from bigllm.train import safe_load
 
-    kind, tag_dir, meta = resolve_checkpoint(path)
-    if kind != "native":
-        raise CheckpointError(f"'{path}' is a Hugging Face dir; several processes evaluate native bigllm "
+    ckpt = open_checkpoint(path, warn=lambda message: None)
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError(f"'{path}' is a {ckpt.kind} dir; several processes evaluate native bigllm "
                               "checkpoints only: run without torchrun")
-    cfg = _eval_run_config(meta)
+    tok_path = tokenizer or ckpt.tokenizer_path
+    tok = load_tokenizer(tok_path, ckpt.tag_dir)
+    scored = check_vocabularies(tok, ckpt, tok_path)
+    cfg = _eval_run_config(ckpt)
     ctx = init_parallel(cfg.parallel, cfg.train.seed)
-    vocab = int(meta["vocab_size"])
-    model = build_model(cfg.model, vocab, ctx.dims, "fp32", cfg.train.seed)
+    model = build_model(cfg.model, ckpt.vocab_size, ctx.dims, "fp32", cfg.train.seed)
     ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
                  "train_batch_size": batch_size * ctx.dims.dp, "steps_per_print": 2**31 - 1,
                  "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                       mpu=None if ctx.dims.pp > 1 else MegatronMPU())
-    safe_load.install(engine)
-    loaded, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
-                                       load_optimizer_states=False, load_lr_scheduler_states=False)
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir} at tp={ctx.dims.tp} pp={ctx.dims.pp}")
+    files.install(engine)
+    engine_io.load(engine, ckpt.tag_dir, ctx.rank, module_only=True)
     engine.eval()
-    tok_path = tokenizer or meta.get("tokenizer")
-    tok = load_tokenizer(tok_path, tag_dir)
-    info, real = describe(kind, tag_dir, meta, tok_path, tok, cfg.model, vocab)
+    info = describe(ckpt, tok_path, tok, scored)
     info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}
-    return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=real, info=info)
+    return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=scored, info=info)
 
 
 def _my_batches(spans: list, batch_size: int, dp: int, dp_rank: int) -> list[list]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bigllm.errors import DataError
 
@@ -50,6 +49,9 @@ def _prefix_documents(prefix: str, tokenizer, eod: int):
     """(token ids without the trailing EOD, text) per document of a .bin/.idx shard."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from bigllm.data.shards import check_shard
+
+    check_shard(prefix)
     dataset = IndexedDataset(prefix, mmap=True)
     for i in range(len(dataset)):
         ids = dataset[i].tolist()
@@ -141,12 +143,14 @@ def bigllm_scorer(lm):
     drops them), so they get no probability mass.
     """
 
+    from bigllm.model.llama import token_nll
+
     @torch.no_grad()
     def score(inputs, targets, mask):
         hidden = lm.model.hidden(inputs.to(lm.device))  # [L, b, h]
         rows = hidden.transpose(0, 1)[mask.to(lm.device)]  # [n, h], row-major over (b, L)
-        logits = lm.model.logits(rows[:, None])[:, 0, :lm.real_vocab]  # [n, v_real] (tp = 1)
-        return F.cross_entropy(logits.float(), targets[mask].to(lm.device), reduction="none").cpu()
+        logits = lm.model.logits(rows[:, None])  # [n, 1, v] (tp = 1): n positions of one "sequence"
+        return token_nll(logits, targets[mask].to(lm.device)[None], lm.real_vocab)[:, 0].cpu()  # [n]
 
     return score
 

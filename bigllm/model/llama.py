@@ -178,11 +178,29 @@ def tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, embedding.weight)
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, real_vocab: int | None = None) -> torch.Tensor:
+    """Next-token NLL per position: logits [s, b, v/tp] (vocab split over tp), labels [b, s] -> [s, b] fp32.
+
+    With `real_vocab`, columns past it (the tp padding of the embedding table, no real token) get
+    no probability mass: evaluation scores over the tokenizer's ids only. Training keeps them,
+    as Megatron does (they learn to be improbable).
+    """
+    from megatron.core import parallel_state
+
+    logits = logits.float()
+    if real_vocab is not None:
+        per_rank = logits.size(-1)
+        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if first + per_rank > real_vocab:
+            logits = logits.clone()
+            logits[..., max(real_vocab - first, 0):] = float("-inf")
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over unmasked positions.
+    """Mean next-token cross entropy over unmasked positions (the training loss).
 
     logits [s, b, v/tp] (vocab split over tp), labels [b, s] int64, loss_mask [b, s] float.
     """
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())  # [s, b]
     mask = loss_mask.t().float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return (token_nll(logits, labels) * mask).sum() / mask.sum().clamp(min=1.0)

@@ -5,8 +5,51 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bigllm.checkpoint import CheckpointMeta, Layout, checkpoint_root, engine_io, find_resumable, run_config_from_dict
 from bigllm.config_loader import to_dict
-from bigllm.train import checkpoint
+from bigllm.errors import CheckpointError
+
+# ModelConfig fields that decide the weights' shapes (a checkpoint with others is another model).
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "kv_heads", "ffn_size", "tie_embeddings")
+
+
+def tokenizer_digest(tokenizer_dir: str) -> str | None:
+    import hashlib
+
+    model = Path(tokenizer_dir) / "tokenizer.model"
+    return hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else None
+
+
+def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
+    """Before any process group: a run dir's newest checkpoint must be this config's model, tokenizer
+    and layout, or the launch stops in one line naming what differs."""
+    found = find_resumable(cfg.train.run_dir, warn=lambda message: None)
+    if found is None:
+        return
+    tag, meta = found
+    where = checkpoint_root(cfg.train.run_dir) / tag
+    saved = run_config_from_dict(meta.config).model
+    diffs = [f"model.{k} {getattr(saved, k)} (checkpoint) != {getattr(cfg.model, k)} (config)" for k in SHAPE_FIELDS
+             if getattr(saved, k) != getattr(cfg.model, k)]
+    if meta.vocab_size != vocab_size:
+        diffs.append(f"padded vocabulary {meta.vocab_size} (checkpoint) != {vocab_size} (config + tokenizer)")
+    digest = tokenizer_digest(cfg.data.tokenizer)
+    if meta.tokenizer_sha256 and digest and meta.tokenizer_sha256 != digest:
+        diffs.append(f"data.tokenizer {cfg.data.tokenizer} is not the tokenizer the checkpoint was trained with "
+                     f"({meta.tokenizer})")
+    elif meta.tokenizer_vocab_size and meta.tokenizer_vocab_size != tokenizer.vocab_size:
+        diffs.append(f"tokenizer size {meta.tokenizer_vocab_size} (checkpoint) != {tokenizer.vocab_size} "
+                     f"({cfg.data.tokenizer})")
+    if diffs:
+        raise CheckpointError(f"train.run_dir {cfg.train.run_dir} holds a checkpoint of another model ({where}): "
+                              f"{'; '.join(diffs)}. Use a new train.run_dir, or the config the run was started with "
+                              f"({Path(cfg.train.run_dir) / 'config.yaml'})")
+    was, now = meta.layout, Layout(dims.tp, dims.pp, dims.dp, cfg.parallel.zero_stage)
+    same_shards = (was.tp, was.pp, was.zero_stage) == (now.tp, now.pp, now.zero_stage)
+    if not same_shards or (was.dp != now.dp and was.zero_stage > 0):
+        raise CheckpointError(f"{where} was written at {was}, this launch is {now}; relaunch with that layout, or "
+                              f"rewrite it with `bigllm convert reshard --checkpoint {cfg.train.run_dir} --tp N --pp M "
+                              "--output NEW_RUN_DIR` (ZeRO-0: any data-parallel size)")
 
 
 class Checkpointer:
@@ -19,37 +62,39 @@ class Checkpointer:
         self.vocab_size, self.tokenizer_vocab_size = vocab_size, tokenizer_vocab_size
         self.seconds = 0.0  # how long the last save took (the wall-clock budget plans with it)
         self.saved_step: int | None = None
+        self.tokenizer_sha256 = tokenizer_digest(cfg.data.tokenizer)
 
     def should_save(self, step: int) -> bool:
         """Every train.save_interval steps before the end (the end always saves)."""
         t = self.cfg.train
         return bool(t.save_interval) and step % t.save_interval == 0 and step < t.max_steps
 
-    def meta(self, consumed: int) -> dict:
+    def meta(self, step: int, consumed: int) -> CheckpointMeta:
         d = self.ctx.dims
-        return {"config": to_dict(self.cfg), "consumed_samples": consumed, "client": {"consumed_samples": consumed},
-                "tokenizer": str(Path(self.cfg.data.tokenizer).resolve()),
-                "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "zero_stage": self.cfg.parallel.zero_stage},
-                "vocab_size": self.vocab_size, "tokenizer_vocab_size": self.tokenizer_vocab_size}
+        return CheckpointMeta(config=to_dict(self.cfg), layout=Layout(d.tp, d.pp, d.dp, self.cfg.parallel.zero_stage),
+                              step=step, consumed_samples=consumed, vocab_size=self.vocab_size,
+                              tokenizer_vocab_size=self.tokenizer_vocab_size,
+                              tokenizer=str(Path(self.cfg.data.tokenizer).resolve()),
+                              tokenizer_sha256=self.tokenizer_sha256)
 
     def save(self, step: int, consumed: int) -> None:
         """Save at `step` (once: a second call for the same step does nothing)."""
         if self.saved_step == step:
             return
         t0 = time.perf_counter()
-        path = checkpoint.save(self.engine, self.run_dir, step, self.meta(consumed), self.cfg.train.keep_last,
-                               faults=self.faults)
+        path = engine_io.save(self.engine, self.run_dir, self.meta(step, consumed), self.cfg.train.keep_last,
+                              faults=self.faults)
         self.seconds, self.saved_step = time.perf_counter() - t0, step
         self.say(f"saved checkpoint {path}")
 
     def resume(self) -> tuple[int, int]:
         """(step, consumed samples) of the newest complete checkpoint, loaded; (0, 0) for a new run."""
-        found = checkpoint.find_resumable(self.run_dir, warn=self.say)
+        found = find_resumable(self.run_dir, warn=self.say)
         if found is None:
             return 0, 0
         tag, _ = found
-        client = checkpoint.load(self.engine, self.run_dir, tag, self.ctx.rank)
+        tag_dir = checkpoint_root(self.run_dir) / tag
+        client = engine_io.load(self.engine, tag_dir, self.ctx.rank)
         step, consumed = int(client["step"]), int(client["consumed_samples"])
-        self.say(f"resumed from {checkpoint.checkpoint_root(self.run_dir) / tag} at step {step} "
-                 f"({consumed} samples consumed)")
+        self.say(f"resumed from {tag_dir} at step {step} ({consumed} samples consumed)")
         return step, consumed

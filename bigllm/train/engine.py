@@ -121,9 +121,9 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, dims: ParallelDims, mpu
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32":
         _record_fp32_grad_norm(engine, optimizer)
-    from bigllm.train import safe_load
+    from bigllm.checkpoint import files
 
-    safe_load.install(engine)  # never unpickle arbitrary objects when resuming
+    files.install(engine)  # never unpickle arbitrary objects when resuming
     return engine
 
 

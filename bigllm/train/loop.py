@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config, save_config, to_dict
-from bigllm.errors import BigLLMError, ConfigError, DataError
+from bigllm.errors import BigLLMError, ConfigError
 
 EXIT_REQUEUE = 3
 
@@ -47,13 +47,17 @@ def preflight(cfg: RunConfig):
         raise ConfigError(f"the tokenizer in {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
                           f"{tokenizer.vocab_size} or leave it null to follow the tokenizer")
+    from bigllm.model.structure import padded_vocab_size
+    from bigllm.train.checkpointer import check_resumable
+
+    check_resumable(cfg, dims, padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size, cfg.model, dims.tp),
+                    tokenizer)
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes is empty; give the shard prefixes written by `bigllm preprocess`")
+    from bigllm.data.shards import check_shard
+
     for prefix in cfg.data.prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise DataError(f"data prefix '{prefix}': {prefix + ext} does not exist; "
-                                "make it with `bigllm preprocess --output-prefix PREFIX`")
+        check_shard(prefix)  # both files present, complete and of one piece
     return dims, tokenizer
 
 

@@ -17,7 +17,8 @@ Names are the engine module's: the canonical ones at pp = 1; `<layer>.<key>` and
 `tied_modules.<key>.<attr>` in a PipelineModule. Their tp-local shapes come from `param_shapes`
 in the rank's model states file. Only files listed in the checkpoint manifest are opened, with
 `torch.load(weights_only=True)` allowing just the plain DeepSpeed types these files hold
-(`bigllm.train.safe_load.allowed_globals`).
+(`bigllm.checkpoint.files`). `ckpt` below is a `bigllm.checkpoint.Checkpoint` (its tag_dir, meta,
+layout and config).
 """
 
 from __future__ import annotations
@@ -30,21 +31,21 @@ from typing import Iterator
 import torch
 
 from bigllm.model import structure
-from bigllm.convert.source import Source, load_weights_only
+from bigllm.checkpoint.files import load_weights_only
 from bigllm.errors import CheckpointError
 
 OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def optim_files(src: Source, mp: int) -> list[Path]:
+def optim_files(src, mp: int) -> list[Path]:
     """The optimizer shards of model-parallel rank `mp`, in dp-rank order (from the manifest)."""
     by_dp = {}
-    for rel in src.meta["manifest"]:
+    for rel in src.meta.manifest:
         match = OPTIM_FILE.fullmatch(rel)
         if match and int(match.group(2)) == mp:
             by_dp[int(match.group(1))] = src.tag_dir / rel
-    dp = int(src.meta["layout"].get("dp", len(by_dp)))
+    dp = src.meta.layout.dp
     if sorted(by_dp) != list(range(dp)) or not by_dp:
         raise CheckpointError(f"checkpoint {src.tag_dir} lists ZeRO optimizer shards of dp ranks {sorted(by_dp)} "
                               f"for model-parallel rank {mp}, its layout needs dp ranks 0..{dp - 1}; "
@@ -52,10 +53,10 @@ def optim_files(src: Source, mp: int) -> list[Path]:
     return [by_dp[d] for d in range(dp)]
 
 
-def model_states_file(src: Source, mp: int) -> Path:
+def model_states_file(src, mp: int) -> Path:
     """The model states file of model-parallel rank `mp` (ZeRO-3 writes one per dp rank: take dp 0)."""
     for rel in (f"mp_rank_{mp:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"):
-        if rel in src.meta["manifest"]:
+        if rel in src.meta.manifest:
             return src.tag_dir / rel
     raise CheckpointError(f"checkpoint {src.tag_dir} lists no model states file for model-parallel rank {mp}; "
                           "use a checkpoint saved completely by bigllm train")
@@ -63,9 +64,7 @@ def model_states_file(src: Source, mp: int) -> Path:
 
 def load_shard(path: Path) -> dict:
     """The optimizer state of one ZeRO shard, loaded weights-only with DeepSpeed's plain types allowed."""
-    from bigllm.train.safe_load import allowed_globals
-
-    state = load_weights_only(path, allowed_globals())
+    state = load_weights_only(path)
     optim = state.get("optimizer_state_dict") if isinstance(state, dict) else None
     if not isinstance(optim, dict) or not ({"fp32_flat_groups", "single_partition_of_fp32_groups"} & set(optim)):
         raise CheckpointError(f"{path} is not a DeepSpeed ZeRO optimizer shard (no flat fp32 groups); "
@@ -138,7 +137,7 @@ def _gather_partitioned(flats: list[list[dict]], shapes: dict, keys: tuple, path
     return out
 
 
-def local_shapes(src: Source, mp: int) -> dict[str, torch.Size]:
+def local_shapes(src, mp: int) -> dict[str, torch.Size]:
     """Engine parameter name -> tp-local shape, in the optimizer's order, from the model states file."""
     path = model_states_file(src, mp)
     groups = load_weights_only(path).get("param_shapes")
@@ -147,7 +146,7 @@ def local_shapes(src: Source, mp: int) -> dict[str, torch.Size]:
     return {name: shape for group in groups for name, shape in group.items()}
 
 
-def read_rank(src: Source, mp: int, keys: tuple) -> tuple[dict, list[dict]]:
+def read_rank(src, mp: int, keys: tuple) -> tuple[dict, list[dict]]:
     """(local name -> {key: tp-local tensor, 'step'}, base param groups) of model-parallel rank `mp`."""
     paths = optim_files(src, mp)
     optims = [load_shard(p) for p in paths]
@@ -169,12 +168,12 @@ def _group_settings(optim: dict) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
 
 
-def param_groups(src: Source) -> list[dict]:
+def param_groups(src) -> list[dict]:
     """Param-group settings of the run (read from one shard; every rank's agree)."""
     return _group_settings(load_shard(optim_files(src, 0)[0]))
 
 
-def canonical_name(local: str, src: Source) -> str:
+def canonical_name(local: str, src) -> str:
     """The canonical name of an engine parameter name (pipeline: `<layer>.<key>`, `tied_modules.*`)."""
     if src.pp == 1:
         return local
@@ -187,7 +186,7 @@ def canonical_name(local: str, src: Source) -> str:
     return structure.canonical_of(int(layer), key, src.cfg.model.num_layers)
 
 
-def iter_stages(src: Source, keys: tuple) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
+def iter_stages(src, keys: tuple) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
     """Per pipeline stage: (canonical name -> per-tp-rank {key: tensor}, base param groups)."""
     for stage in range(src.pp):
         per_tp, groups = [], None
@@ -197,7 +196,7 @@ def iter_stages(src: Source, keys: tuple) -> Iterator[tuple[dict[str, list[dict]
         yield {name: [rank[name] for rank in per_tp] for name in per_tp[0]}, groups
 
 
-def iter_masters(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
+def iter_masters(src) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(canonical name, tp shards) of the fp32 master weights, one stage at a time (tied copies once)."""
     seen = set()
     for stage, _ in iter_stages(src, ("fp32",)):
@@ -207,7 +206,7 @@ def iter_masters(src: Source) -> Iterator[tuple[str, list[torch.Tensor]]]:
                 yield name, [r["fp32"] for r in per_tp]
 
 
-def read_moments(src: Source) -> tuple[dict, list[dict]]:
+def read_moments(src) -> tuple[dict, list[dict]]:
     """(canonical {name: {step, exp_avg, exp_avg_sq}} merged over tp in canonical order, param-group settings)."""
     moments, groups = {}, None
     for stage, groups in iter_stages(src, MOMENTS):

@@ -1,4 +1,4 @@
-"""Write a run dir whose checkpoint DeepSpeed's engine loads at a chosen tp x pp (ZeRO-0, fp32).
+"""Write a run dir whose checkpoint DeepSpeed's engine loads at a chosen tp x pp (ZeRO-0).
 
     RUN_DIR/config.yaml                    parallel.tp/pp set, parallel.zero_stage=0
     RUN_DIR/checkpoints/step_NNNNNNN/      DeepSpeed's on-disk format for that layout:
@@ -13,20 +13,20 @@ given. bf16 runs (pp = 1) are wrapped as DeepSpeed's ZeRO-0 bf16 optimizer (FP16
 saves them: the same AdamW state plus the fp32 master copy of every parameter, grouped alike.
 ZeRO-0 is written because its optimizer state is per parameter and so reshardable by the same
 cuts as the weights, and loads at any data-parallel size; `bigllm train` resumes it with
-parallel.zero_stage=0.
+parallel.zero_stage=0. The run dir is written beside its target and renamed into place complete.
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from bigllm.checkpoint.format import CheckpointMeta, Layout, checkpoint_root, set_latest, tag_for, write_meta
 from bigllm.config import RunConfig
+from bigllm.fsutil import new_directory
 from bigllm.model import structure
-from bigllm.train.checkpoint import META, _manifest, tag_for
 
 
 def fresh_optim_states(cfg: RunConfig, names: list[str], shapes: dict) -> tuple[dict, dict]:
@@ -151,20 +151,22 @@ def _write_layer_files(shards: _Shards, m, tp: int, tag_dir: Path) -> None:
 
 
 def write_run(state: dict, cfg: RunConfig, vocab_size: int, output: str | Path, tokenizer_vocab: int,
-              origin: dict, step: int = 0, consumed: int = 0, **optim_state) -> Path:
-    """OUT/config.yaml + OUT/checkpoints/<tag>/ (+ meta.json, latest) that `bigllm train` resumes."""
+              origin: dict, step: int = 0, consumed: int = 0, overwrite: bool = False, **optim_state) -> Path:
+    """OUT/config.yaml + OUT/checkpoints/<tag>/ (+ meta.json, latest) that `bigllm train` resumes.
+
+    A non-empty OUT is refused unless `overwrite`; OUT appears only once it is complete."""
     from bigllm.config_loader import save_config, to_dict
 
     out = Path(output)
-    tag = tag_for(step)
-    tag_dir = out / "checkpoints" / tag
-    write_checkpoint(state, cfg, tag_dir, step, consumed, **optim_state)
-    save_config(cfg, out / "config.yaml")
-    layout_info = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": 1, "zero_stage": 0}
-    meta = {"config": to_dict(cfg), "consumed_samples": consumed, "client": {"consumed_samples": consumed},
-            "tokenizer": cfg.data.tokenizer, "layout": layout_info, "vocab_size": vocab_size,
-            "tokenizer_vocab_size": tokenizer_vocab, "step": step, "tag": tag, "world_size": cfg.parallel.tp * cfg.parallel.pp,
-            "converted": origin, "manifest": _manifest(tag_dir)}
-    (tag_dir / META).write_text(json.dumps(meta, indent=2))
-    (out / "checkpoints" / "latest").write_text(tag)
+    cfg.train.run_dir = str(out.resolve())
+    with new_directory(out, overwrite, what="--output") as tmp:
+        tag_dir = checkpoint_root(tmp) / tag_for(step)
+        write_checkpoint(state, cfg, tag_dir, step, consumed, **optim_state)
+        save_config(cfg, tmp / "config.yaml")
+        meta = CheckpointMeta(config=to_dict(cfg), layout=Layout(cfg.parallel.tp, cfg.parallel.pp, 1, 0), step=step,
+                              consumed_samples=consumed, vocab_size=vocab_size, tokenizer_vocab_size=tokenizer_vocab,
+                              tokenizer=cfg.data.tokenizer, world_size=cfg.parallel.tp * cfg.parallel.pp,
+                              converted=origin)
+        write_meta(tag_dir, meta)
+        set_latest(checkpoint_root(tmp), tag_dir.name)
     return out

@@ -92,7 +92,7 @@ def evaluate_quickstart(run_dir: str | Path, work: str | Path, env: dict | None 
     """Perplexity on WORK/heldout.jsonl, BLEU on WORK/task_pairs.jsonl, RUN_DIR/curves.png.
 
     Uses the public CLI (like the rest of the quickstart); returns the two reports."""
-    from bigllm.evaluate.plot import plot_training
+    from bigllm.train.plot import plot_training
 
     run_dir, work = Path(run_dir), Path(work)
     py = [sys.executable, "-m", "bigllm", "evaluate"]

@@ -1,0 +1,65 @@
+"""Reading checkpoint files without ever unpickling arbitrary objects.
+
+DeepSpeed's own checkpoint engine calls `torch.load(..., weights_only=False)`, which runs
+whatever code a pickle names: a checkpoint from an untrusted source could execute anything.
+Every file here is read with `weights_only=True`, allowing exactly the few plain DeepSpeed classes
+its optimizer files hold; anything else (or a damaged file) is a CheckpointError naming the file.
+`SafeCheckpointEngine` puts the same reader into DeepSpeed's engine for resuming.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from bigllm.errors import CheckpointError
+
+
+def allowed_globals() -> list:
+    """DeepSpeed types found in its optimizer-state files (measured on ZeRO 0-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refusal(path, exc: Exception) -> CheckpointError:
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, pickle.UnpicklingError):
+        detail = next((l.strip() for l in lines if "GLOBAL" in l), lines[0] if lines else "")
+        return CheckpointError(f"refusing to load {path}: it holds pickled objects that are not tensors or plain "
+                               f"data ({detail}); bigllm only loads checkpoints with weights_only=True. Use a "
+                               "checkpoint written by bigllm")
+    first = lines[0] if lines else type(exc).__name__
+    return CheckpointError(f"cannot read {path}: {first}; the file is damaged or truncated: use an earlier "
+                           "checkpoint or re-save it")
+
+
+def load_weights_only(path: str | Path, mmap: bool = True, map_location="cpu"):
+    """A torch file as tensors, plain data and DeepSpeed's plain types, memory-mapped when possible."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        try:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as exc:  # files in the legacy (non-zip) format cannot be mapped
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # corrupt file, or one holding arbitrary objects
+            raise _refusal(path, exc) from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine with a weights-only `load`."""
+
+    def load(self, path: str, map_location=None):
+        return load_weights_only(path, mmap=False, map_location=map_location)
+
+
+def install(engine) -> None:
+    """Make a DeepSpeed engine (and its pipeline module) read checkpoints safely."""
+    engine.checkpoint_engine = SafeCheckpointEngine(config_params=None)

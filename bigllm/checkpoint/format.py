@@ -1,0 +1,153 @@
+"""The on-disk layout of a run's checkpoints and the typed metadata beside them.
+
+    RUN_DIR/checkpoints/
+        step_0000100/            DeepSpeed's files (model/optimizer shards of every rank)
+            rng_rank0.pt ...     per-rank RNG states (exact resume with dropout)
+            meta.json            CheckpointMeta: config, tokenizer, layout, step, consumed samples,
+                                 versions, and a manifest of every file with its size
+        latest                   the tag of the newest *complete* checkpoint
+
+`latest` and meta.json are written atomically (by rename), and `latest` only after the manifest
+is on disk, so a crash during a save leaves the previous checkpoint in charge. A checkpoint is
+complete when every file of its manifest is present with its size (`verify`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigllm.errors import CheckpointError
+from bigllm.fsutil import write_atomic
+
+META = "meta.json"
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's files are cut: tensor x pipeline x data parallel, and the ZeRO stage."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int = 0
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero_stage}"
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json. `vocab_size` is the padded embedding table, `tokenizer_vocab_size` the real one."""
+
+    config: dict  # the RunConfig tree (config_loader.to_dict)
+    layout: Layout
+    step: int
+    consumed_samples: int
+    vocab_size: int
+    tokenizer_vocab_size: int | None
+    tokenizer: str
+    tokenizer_sha256: str | None = None  # of tokenizer.model: the same tokenizer wherever it lies
+    tag: str = ""
+    world_size: int = 0
+    versions: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)  # relative path -> size in bytes
+    converted: dict | None = None  # where `bigllm convert` made it from
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["client"] = {"consumed_samples": self.consumed_samples}  # what older readers looked for
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> "CheckpointMeta":
+        """Parse meta.json strictly: a missing field or a broken file is a CheckpointError naming it."""
+        try:
+            data = json.loads(path.read_text())
+            layout = data["layout"]
+            return cls(config=data["config"], layout=Layout(int(layout["tp"]), int(layout["pp"]),
+                                                            int(layout.get("dp", 1)), int(layout.get("zero_stage", 0))),
+                       step=int(data["step"]), consumed_samples=int(data.get("consumed_samples", 0)),
+                       vocab_size=int(data["vocab_size"]), tokenizer_vocab_size=data.get("tokenizer_vocab_size"),
+                       tokenizer=data.get("tokenizer") or "", tokenizer_sha256=data.get("tokenizer_sha256"),
+                       tag=data.get("tag", path.parent.name),
+                       world_size=int(data.get("world_size", 0)), versions=data.get("versions", {}),
+                       manifest=dict(data["manifest"]), converted=data.get("converted"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not readable JSON ({type(exc).__name__}: {exc}); the checkpoint is "
+                                  "damaged: use an earlier one or re-save it") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} lacks or garbles the field {exc}; it was not written by bigllm train "
+                                  "or bigllm convert") from None
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+    from megatron.core import package_info
+
+    import bigllm
+
+    return {"bigllm": bigllm.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "megatron-core": package_info.__version__}
+
+
+def manifest(tag_dir: Path) -> dict:
+    """Every file of a tag dir (meta.json aside) with its size."""
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != META}
+
+
+def write_meta(tag_dir: Path, meta: CheckpointMeta) -> None:
+    """Fill in the manifest, then write meta.json atomically (the checkpoint is complete from here)."""
+    meta.manifest = manifest(tag_dir)
+    meta.tag = tag_dir.name
+    write_atomic(tag_dir / META, meta.to_json())
+
+
+def set_latest(root: Path, tag: str) -> None:
+    write_atomic(root / LATEST, tag)
+
+
+def verify(tag_dir: Path) -> CheckpointMeta:
+    """The checkpoint's meta if every file of the manifest is present with its size, else raise."""
+    meta_path = tag_dir / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} has no {META}: the save did not finish")
+    meta = CheckpointMeta.read(meta_path)
+    for rel, size in meta.manifest.items():
+        path = tag_dir / rel
+        if not path.is_file() or path.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {rel} is missing or truncated "
+                                  f"(the manifest says {size} bytes)")
+    return meta
+
+
+def find_resumable(run_dir: str | Path, warn=print) -> tuple[str, CheckpointMeta] | None:
+    """(tag, meta) of the newest complete checkpoint: `latest` if it verifies, else the newest
+    earlier one that does (with a warning); None when the run has no checkpoint."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    candidates = sorted((p.name for p in root.glob("step_*")), reverse=True)
+    if latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    for tag in candidates:
+        try:
+            return tag, verify(root / tag)
+        except CheckpointError as exc:
+            warn(f"warning: {exc}; trying an earlier checkpoint")
+    return None
