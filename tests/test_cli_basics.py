@@ -14,9 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def test_help_runs_in_a_subprocess():
+def test_help_lists_every_command_and_each_has_its_own_help():
+    from bigllm.cli import COMMANDS
+
     out = subprocess.run([sys.executable, "-m", "bigllm", "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "preprocess" in out.stdout and "tokenizer" in out.stdout
+    assert out.returncode == 0
+    listed = out.stdout.split("COMMAND", 2)[-1]
+    assert all(f"    {name} " in listed or f"    {name}\n" in listed for name in COMMANDS), out.stdout
+    for name in COMMANDS:
+        sub = subprocess.run([sys.executable, "-m", "bigllm", name, "--help"], capture_output=True, text=True,
+                             timeout=60)
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: bigllm {name}"), (name, sub.stderr)
 
 
 def test_building_the_parser_imports_no_heavy_library():
@@ -27,9 +35,17 @@ def test_building_the_parser_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_loads_with_its_values(path):
+    """Every value written in the file is the loaded tree's (nothing dropped, renamed or defaulted)."""
+    import yaml
+
+    from bigllm.config_loader import to_dict
+
     cfg = load_config(RunConfig, path)
-    assert isinstance(cfg, RunConfig)
+    written, loaded = yaml.safe_load(path.read_text()), to_dict(cfg)
+    for section, values in written.items():
+        for key, value in values.items():
+            assert loaded[section][key] == value, (section, key, loaded[section][key], value)
 
 
 def test_unknown_key_names_the_closest_valid_key(tmp_path):

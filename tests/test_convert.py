@@ -62,9 +62,13 @@ def test_consolidate_is_exact_on_the_same_layout(runs, tmp_path):
 
     src = open_native(runs[(2, 2)])
     full = src.weights()
+    seen = []
     for name, shards in src.iter_weights():
-        for got, want in zip(structure.split_tp(name, full[name], 2), shards):
-            assert torch.equal(got, want), name
+        cut = structure.split_tp(name, full[name], 2)
+        assert len(cut) == len(shards) == 2, name
+        assert all(torch.equal(got, want) for got, want in zip(cut, shards)), name
+        seen.append(name)
+    assert sorted(seen) == sorted(full)
 
 
 def test_reshard_round_trip_through_every_layout_is_exact(runs, tmp_path):
@@ -85,23 +89,30 @@ def test_reshard_round_trip_through_every_layout_is_exact(runs, tmp_path):
         assert got_moments.keys() == moments.keys()
         for name, m in moments.items():
             assert all(torch.equal(got_moments[name][k], m[k]) for k in ("exp_avg", "exp_avg_sq")), (tp, pp, name)
-    for (name, shards), (_, original) in zip(open_native(hop).iter_weights(), src.iter_weights()):
-        assert all(torch.equal(a, b) for a, b in zip(shards, original)), name
+    final, first = list(open_native(hop).iter_weights()), list(src.iter_weights())
+    assert [n for n, _ in final] == [n for n, _ in first]
+    for (name, shards), (_, original) in zip(final, first):
+        assert len(shards) == len(original) == 2 and all(torch.equal(a, b) for a, b in zip(shards, original)), name
 
 
-def test_reshard_resumes_with_the_same_first_loss(runs, data, tmp_path):
-    """(1,2) -> (2,1) with AdamW moments: the next step's loss equals the original layout's."""
+def test_reshard_resumes_with_the_moments(runs, data, tmp_path):
+    """(1,2) -> (2,1) with AdamW moments: steps 3 and 4 equal the original layout's continuation.
+    Step 4 is the one that reads the moments (step 3's loss only sees the weights): with
+    --reset-optimizer it differs."""
     import shutil
 
     tok, prefix = data
     orig = tmp_path / "orig"
     shutil.copytree(runs[(1, 2)], orig)
-    proc = cli("reshard", "--checkpoint", runs[(1, 2)], "--tp", 2, "--pp", 1, "--output", tmp_path / "new")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_ok(2, small_overrides(tok, prefix, orig, 1, 2, steps=3))
-    run_ok(2, small_overrides(tok, prefix, tmp_path / "new", 2, 1, steps=3))
-    a, b = train_losses(orig), train_losses(tmp_path / "new")
-    assert abs(a[3] - b[3]) <= 1e-6, (a, b)
+    for out, extra in (("new", []), ("reset", ["--reset-optimizer"])):
+        proc = cli("reshard", "--checkpoint", runs[(1, 2)], "--tp", 2, "--pp", 1, "--output", tmp_path / out, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run_ok(2, small_overrides(tok, prefix, tmp_path / out, 2, 1, steps=4))
+    run_ok(2, small_overrides(tok, prefix, orig, 1, 2, steps=4))
+    a, b, reset = (train_losses(tmp_path / n) for n in ("orig", "new", "reset"))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert abs(a[3] - b[3]) <= 1e-5 and abs(a[4] - b[4]) <= 1e-5, (a, b)
+    assert abs(reset[3] - a[3]) <= 1e-5 and abs(reset[4] - a[4]) > 1e-4, (a, reset)
 
 
 def test_missing_file_and_bad_path_are_one_line_errors(runs, tmp_path):
@@ -111,10 +122,13 @@ def test_missing_file_and_bad_path_are_one_line_errors(runs, tmp_path):
     shutil.copytree(runs[(2, 2)], broken)
     tag = (broken / "checkpoints" / "latest").read_text().strip()
     (broken / "checkpoints" / tag / "layer_01-model_01-model_states.pt").unlink()
-    for args in (["--checkpoint", broken], ["--checkpoint", tmp_path / "nowhere"]):
+    for args, cause in ((["--checkpoint", broken], "layer_01-model_01-model_states.pt is missing or truncated"),
+                        (["--checkpoint", tmp_path / "nowhere"], "nowhere' does not exist")):
         proc = cli("consolidate", *args, "--output", tmp_path / "o")
         assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines()[-1].startswith("bigllm convert: error: "), proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("bigllm convert: error: ") and cause in last, proc.stderr
+        assert not (tmp_path / "o").exists()
 
 
 def test_layout_mismatch_is_a_checkpoint_error(runs, tmp_path):

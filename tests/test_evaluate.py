@@ -105,13 +105,24 @@ def test_native_hf_export_and_transformers_agree(lm, tiny, tmp_path):
 
 
 # ----- CLI ----------------------------------------------------------------------------------
-def test_cli_report_and_tensorboard(tiny, tmp_path):
-    from bigllm.cli import main
+def test_cli_report_and_tensorboard(tiny, lm, tmp_path):
+    """The CLI's report equals an independent computation (transformers on the exported model),
+    and --tensorboard writes exactly those scalars at the checkpoint's step (into a copy of the run
+    without training's events, so only the evaluation can have written them)."""
+    import shutil
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bigllm.cli import main
+    from bigllm.evaluate.perplexity import load_stream
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    shutil.rmtree(run / "tensorboard")
     report = tmp_path / "ppl.json"
-    assert main(["evaluate", "perplexity", "--checkpoint", str(tiny["run"]), "--data", str(tiny["heldout_prefix"]),
-                 str(tiny["heldout"]), "--seq-len", "48", "--stride", "48", "--batch-size", "16",
-                 "--output", str(report), "--tensorboard", "--quiet"]) == 0
+    data = [str(tiny["heldout_prefix"]), str(tiny["heldout"])]
+    assert main(["evaluate", "perplexity", "--checkpoint", str(run), "--data", *data, "--seq-len", "48",
+                 "--stride", "48", "--batch-size", "16", "--output", str(report), "--tensorboard", "--quiet"]) == 0
     rep = json.loads(report.read_text())
     assert rep["checkpoint"]["step"] == 12 and rep["checkpoint"]["layout"]["tp"] == 2
     assert rep["checkpoint"]["tokenizer"] == str(Path(tiny["tok"]).resolve())
@@ -119,9 +130,15 @@ def test_cli_report_and_tensorboard(tiny, tmp_path):
     assert rep["tokens"] == rep["data"]["stream_tokens"] - rep["windows"]  # disjoint windows
     assert rep["perplexity"] == pytest.approx(math.exp(rep["loss"]))
     assert rep["bits_per_byte"] == pytest.approx(rep["nll_sum"] / (math.log(2) * rep["data"]["utf8_bytes"]))
-    assert 1.0 < rep["perplexity"] < 320  # trained a little: better than uniform over the vocabulary
-    events = list((tiny["run"] / "tensorboard").glob("events.out.tfevents.*"))
-    assert events
+    stream = load_stream(data, lm.tokenizer)
+    nll, count = _transformers_nll(_export_hf(tiny["run"], tmp_path / "hf"), stream.tokens, 48, 48)
+    assert count == rep["tokens"] and nll / count == pytest.approx(rep["loss"], rel=REL_TOL)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/bits_per_byte", "eval/loss", "eval/ppl"]
+    for tag, key in (("eval/ppl", "perplexity"), ("eval/loss", "loss"), ("eval/bits_per_byte", "bits_per_byte")):
+        (point,) = events.Scalars(tag)
+        assert point.step == 12 and point.value == pytest.approx(rep[key], rel=1e-6), tag
 
 
 @pytest.mark.parametrize("args,needle", [

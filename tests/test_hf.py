@@ -90,9 +90,28 @@ def test_from_hf_logits_match_and_round_trip(tie, tmp_path):
         torch.testing.assert_close(back(tokens).logits, want, **TOL)
 
 
+def _first_step_loss_of(model, cfg, tokenizer_dir) -> float:
+    """The HF model's own mean loss on the first training step's samples of `cfg` (global batch, consumed 0)."""
+    from bigllm.data.gpt import build_gpt_datasets
+    from bigllm.data.sampler import collate
+    from bigllm.tokenizer import Tokenizer
+
+    t = cfg.train
+    train, _, _ = build_gpt_datasets(cfg.data, cfg.model.seq_length, t.seed, Tokenizer.load(tokenizer_dir),
+                                     (t.global_batch_size * t.max_steps, t.eval_iters * t.micro_batch_size, 0))
+    batch = collate([train[i] for i in range(t.global_batch_size)])
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits  # [b, s, v]
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1)))
+
+
 def test_from_hf_checkpoint_resumes_in_bigllm_train(data, tmp_path):
+    from bigllm.config import RunConfig
+    from bigllm.config_loader import load_config
+    from train_utils import TINY
+
     tok, prefix = data
-    _, path = hf_model(tmp_path, tie=False)
+    hf, path = hf_model(tmp_path, tie=False)
     assert bigllm_cli("convert", "from-hf", "--input", path, "--output", tmp_path / "run", "--tp", 2, "--pp", 2,
                "--tokenizer", tok).returncode == 0
     over = small_overrides(tok, prefix, tmp_path / "run", 2, 2, steps=1, **{
@@ -100,7 +119,9 @@ def test_from_hf_checkpoint_resumes_in_bigllm_train(data, tmp_path):
         "model.make_vocab_size_divisible_by": 4, "model.norm_eps": 1e-5})
     proc = run_ok(4, over)
     assert "resumed from" in proc.stdout and "at step 0" in proc.stdout
-    assert train_losses(tmp_path / "run")[1] == pytest.approx(5.70, abs=0.2)  # ~ln(300): random HF init
+    # bigllm's first loss is the imported model's own loss on those samples (not merely ~ln(300))
+    want = _first_step_loss_of(hf, load_config(RunConfig, TINY, over), tok)
+    assert train_losses(tmp_path / "run")[1] == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("field,value", [("model_type", "mistral"), ("rope_scaling", {"type": "linear", "factor": 2.0}),

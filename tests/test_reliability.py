@@ -60,8 +60,10 @@ def _crash_and_resume(nproc, layout: dict, kill_all: bool, tokenizer_dir, shard_
     extra = {"train.max_steps": STEPS, "train.save_interval": 1, "model.dropout": 0.1, **layout}
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
     run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, ref_dir, **extra))
-    rng = random.Random()
+    seed = int(os.environ.get("BIGLLM_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+    rng = random.Random(seed)
     kill_step = rng.randint(2, STEPS - 2)
+    print(f"kill at step {kill_step} (seed {seed}; rerun with BIGLLM_TEST_SEED={seed})")
     proc = _launch(nproc, base_overrides(tokenizer_dir, shard_prefix, crash_dir, **extra))
     _wait_for_step(crash_dir, kill_step, proc)
     workers = _workers(proc.pid)
@@ -113,32 +115,30 @@ def test_truncated_checkpoint_falls_back_with_warning(tokenizer_dir, shard_prefi
 
 
 def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
-    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
-        "train.max_steps": STEPS, "parallel.timeout_s": 15})
-    t0 = time.time()
-    proc = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "hang@3:1"}, timeout=240)
-    elapsed = time.time() - t0
-    assert proc.returncode != 0
-    assert "a peer process died or hung" in proc.stderr and "parallel.timeout_s=15" in proc.stderr
-    assert elapsed < 15 + 120, elapsed
+    """Rank 1 stops (SIGSTOP) at the start of step 3: rank 0 names the hung peer once its collective
+    has waited parallel.timeout_s, timed from the hang (step 2 logged), not from the launch."""
+    import threading
 
-
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nan_loss_policy(policy, tokenizer_dir, shard_prefix, tmp_path):
+    timeout_s = 15
     overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
-        "train.max_steps": 4, "train.save_interval": 2, "train.nan_policy": policy, "parallel.zero_stage": 1})
-    proc = torchrun(2, overrides, env_extra={"BIGLLM_FAULT": "nan_loss@3:1"})
-    root = tmp_path / "checkpoints"
-    if policy == "stop":
-        assert proc.returncode != 0
-        assert "step 3: loss nan is non-finite; stopped without saving" in proc.stderr
-        assert (root / "latest").read_text() == "step_0000002"
-        assert not (root / "step_0000003").exists() and not (root / "step_0000004").exists()
-    else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "skipped it (train.nan_policy=skip, 1 skipped so far)" in proc.stdout
-        assert (root / "latest").read_text() == "step_0000004"
-        assert all(v == v for v in train_losses(tmp_path).values())  # no NaN logged
+        "train.max_steps": STEPS, "parallel.timeout_s": timeout_s})
+    proc = _launch(2, overrides, BIGLLM_FAULT="hang@3:1")
+    seen = {}
+
+    def watch():
+        for line in proc.stderr:
+            if "a peer process died or hung" in line and "error" not in seen:
+                seen["error"], seen["line"] = time.time(), line
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    _wait_for_step(tmp_path, 2, proc)
+    hang = time.time()
+    proc.wait(timeout=240)
+    reader.join(timeout=30)
+    assert proc.returncode != 0 and "error" in seen, "no rank reported the hung peer"
+    assert f"parallel.timeout_s={timeout_s}" in seen["line"]
+    waited = seen["error"] - hang
+    assert timeout_s - 2 <= waited <= timeout_s + 20, waited  # the timeout, not a hang of its own
 
 
 def test_nan_weights_are_never_saved(tokenizer_dir, shard_prefix, tmp_path):

@@ -162,20 +162,28 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def start_requeued_now(env: dict, jid: str) -> dict:
+    """Wait until the requeued job is PENDING again (Restarts=1), then release it from SLURM's requeue
+    delay (Reason=BeginTime). slurmd refuses a launch credential issued in the same second as the
+    revocation of the job's previous one ("Killing non-startable batch JobId=N: Job credential
+    revoked", seen in test runs): SLURM's own delay avoids that, so StartTime=now waits 2 s first."""
+    def requeued_and_pending():
+        info = show_job(env, jid)
+        return info if info.get("JobState") == "PENDING" and info.get("Restarts") == "1" else None
+
+    info = wait_until(requeued_and_pending, 90, "the job to be requeued and pending")
+    time.sleep(2)
+    run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env, check=False)
+    return info
+
+
 def test_usr1_checkpoint_exit3_requeue_resume(job, slurm_env):
     submit, run_dir = job
     jid = job_id(submit("requeue", nodes=2, procs=1, wait=False))
     wait_until(lambda: all((run_dir / f"ready-{r}").exists() for r in range(2)), 60, "both ranks to start")
     # What --signal=B:USR1@30 does before the time limit: signal the batch shell only.
     run(["scancel", "--signal=USR1", "--batch", jid], slurm_env)
-
-    def requeued_and_pending():
-        info = show_job(slurm_env, jid)
-        return info if info.get("JobState") == "PENDING" and info.get("Restarts") == "1" else None
-
-    wait_until(requeued_and_pending, 60, "the job to be requeued")
-    # SLURM holds a requeued job back for a while (Reason=BeginTime); do not wait for that here.
-    run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], slurm_env)
+    start_requeued_now(slurm_env, jid)
 
     def finished():
         info = show_job(slurm_env, jid)
@@ -205,13 +213,20 @@ def submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, nodes, proc
 @pytest.mark.parametrize("nodes,procs,layout", [(1, 2, {}), (2, 1, {"parallel.tp": 2})],
                          ids=["dp2-one-node", "tp2-two-nodes"])
 def test_real_training_job_completes(nodes, procs, layout, slurm_env, tokenizer_dir, shard_prefix, tmp_path):
-    run_dir = tmp_path / "run"
-    out = submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, nodes, procs, wait=True,
-                          **{"train.max_steps": 3, **layout})
+    """The job trains to the end, and its losses are those of the same layout under torchrun."""
+    from train_utils import base_overrides, run_ok, train_losses
+
+    run_dir, extra = tmp_path / "run", {"train.max_steps": 3, **layout}
+    out = submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, nodes, procs, wait=True, **extra)
     assert out.returncode == 0, f"{out.stderr}\n{log_text(run_dir)}"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000003"
     assert (run_dir / "checkpoints" / "step_0000003" / "meta.json").is_file()
+    reference = tmp_path / "reference"
+    run_ok(nodes * procs, base_overrides(tokenizer_dir, shard_prefix, reference, **extra))
+    got, want = train_losses(run_dir), train_losses(reference)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    assert all(abs(got[s] - want[s]) <= 1e-6 for s in want), (got, want)
 
 
 def test_real_preemption_resumes_with_the_same_losses(slurm_env, tokenizer_dir, shard_prefix, tmp_path):
@@ -230,12 +245,7 @@ def test_real_preemption_resumes_with_the_same_losses(slurm_env, tokenizer_dir, 
 
     wait_until(reached_step_3, 120, "training to reach step 3")
     run(["scancel", "--signal=USR1", "--batch", jid], slurm_env)
-    wait_until(lambda: show_job(slurm_env, jid).get("Restarts") == "1", 90, "the job to be requeued")
-    # slurmd refuses a launch credential issued in the same second as the revocation of the
-    # job's previous one ("Killing non-startable batch JobId=N: Job credential revoked", seen
-    # once in a test run); SLURM's own requeue delay avoids that, StartTime=now must wait it out.
-    time.sleep(2)
-    run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], slurm_env, check=False)
+    start_requeued_now(slurm_env, jid)
     wait_until(lambda: (run_dir / "status.json").exists()
                and json.loads((run_dir / "status.json").read_text())["state"] == "finished", 180,
                "the requeued job to finish training")
@@ -246,3 +256,48 @@ def test_real_preemption_resumes_with_the_same_losses(slurm_env, tokenizer_dir, 
     got, ref = train_losses(run_dir), train_losses(reference)
     assert sorted(got) == list(range(1, steps + 1))
     assert got == ref, "the resumed run must follow the uninterrupted loss trajectory exactly"
+
+
+# ----- the preprocess and evaluate templates ---------------------------------------------------
+
+def test_preprocess_template_array_then_merge(slurm_env, corpus_jsonl, tokenizer_dir, tmp_path):
+    """bash slurm/preprocess.sbatch submits one array task per input and a merge job after them:
+    the merged shard is byte for byte the one a direct preprocess of both inputs writes."""
+    lines = corpus_jsonl.read_text().splitlines(keepends=True)
+    half = len(lines) // 2
+    inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    inputs[0].write_text("".join(lines[:half]))
+    inputs[1].write_text("".join(lines[half:]))
+    env = dict(slurm_env, BIGLLM_CMD=f"{sys.executable} -m bigllm", LOG_DIR=str(tmp_path / "logs"))
+    out = run(["bash", str(REPO / "slurm" / "preprocess.sbatch"), str(tokenizer_dir), str(tmp_path / "merged"),
+               *map(str, inputs)], env, timeout=60)
+    merge_job = re.search(r"merge job (\d+)", out.stdout).group(1)
+    wait_until(lambda: (tmp_path / "merged.idx").exists() and not run(
+        ["squeue", "-h", "-j", merge_job], env, check=False).stdout.strip(), 240, "the merge job to finish")
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+    assert "task 0:" in logs and "task 1:" in logs and "merging 2 parts" in logs, logs
+    # The reference: the same two inputs in one direct run, in the same order.
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(lines))
+    run([sys.executable, "-m", "bigllm", "preprocess", "--input", str(both), "--tokenizer", str(tokenizer_dir),
+         "--output-prefix", str(tmp_path / "direct")], env, timeout=120)
+    for ext in (".bin", ".idx"):
+        merged, direct = (tmp_path / f"merged{ext}").read_bytes(), (tmp_path / f"direct{ext}").read_bytes()
+        assert len(merged) > 0 and merged == direct, ext
+
+
+def test_evaluate_template_reports_what_the_cli_reports(slurm_env, tiny_run, tmp_path):
+    """sbatch --wait slurm/evaluate.sbatch ... runs `bigllm evaluate perplexity` under srun: its
+    report equals a local run's on the same checkpoint and data."""
+    run_dir, heldout = tiny_run["run"], tiny_run["heldout"]
+    env = dict(slurm_env, BIGLLM_CMD=f"{sys.executable} -m bigllm")
+    args = ["--checkpoint", str(run_dir), "--data", str(heldout), "--seq-len", "48"]
+    out = run(["sbatch", "--wait", "--output", str(tmp_path / "eval-%j.out"), str(REPO / "slurm" / "evaluate.sbatch"),
+               *args, "--output", str(tmp_path / "slurm.json")], env, timeout=240, check=False)
+    log = "".join(p.read_text() for p in tmp_path.glob("eval-*.out"))
+    assert out.returncode == 0, f"{out.stdout}{out.stderr}\n{log}"
+    run([sys.executable, "-m", "bigllm", "evaluate", "perplexity", *args, "--output", str(tmp_path / "local.json")],
+        env, timeout=240)
+    got, want = (json.loads((tmp_path / n).read_text()) for n in ("slurm.json", "local.json"))
+    assert got["tokens"] == want["tokens"] > 0
+    assert abs(got["perplexity"] - want["perplexity"]) <= 1e-9 * want["perplexity"], (got, want)

@@ -39,17 +39,19 @@ def test_import_is_light():
     assert out.stdout.strip() == "False"
 
 
-def test_works_as_megatron_gpt_dataset_tokenizer(tokenizer_dir):
-    from bigllm.data.preprocess import indexed_dataset_module
-
-    indexed_dataset_module()  # megatron.core, without its GPU warnings
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+def test_works_as_megatron_gpt_dataset_tokenizer(tokenizer_dir, shard_prefix, tmp_path):
+    """megatron-core's GPTDataset, built through bigllm.data.gpt with this Tokenizer, packs the
+    shard's documents with the tokenizer's EOD between them and only the tokenizer's ids."""
+    from bigllm.config import DataConfig
+    from bigllm.data.gpt import build_gpt_datasets
 
     tok = Tokenizer.load(tokenizer_dir)
-    cfg = GPTDatasetConfig(random_seed=0, sequence_length=16, blend=None, blend_per_split=None, split="1,0,0",
-                           tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-                           eod_mask_loss=False)
-    assert cfg.tokenizer.eod == EOS_ID and cfg.tokenizer.pad not in (tok.eos, tok.bos)
+    data = DataConfig(tokenizer=str(tokenizer_dir), prefixes=[shard_prefix], split="1,0,0", cache_dir=str(tmp_path))
+    train, valid, test = build_gpt_datasets(data, 64, 0, tok, (16, 0, 0))
+    assert valid is None and test is None and len(train) >= 16
+    tokens = [int(t) for i in range(min(len(train), 400)) for t in train[i]["tokens"]]
+    assert tokens.count(tok.eod) >= 5 and all(0 <= t < tok.vocab_size for t in tokens)
+    assert len(tok.decode(train[0]["tokens"].tolist())) > 50  # real text, not ids out of this vocabulary
 
 
 def test_reservoir_sample_is_bounded_and_deterministic():

@@ -4,6 +4,7 @@ Set BIGLLM_FAULT to a comma-separated list of `KIND@STEP` or `KIND@STEP:RANK` (r
 omitted) before launching; unset, nothing here runs. Kinds:
 
 - `nan_loss`      the first micro-batch loss of that step becomes NaN on that rank;
+- `spike_loss`    the first micro-batch loss of that step is multiplied by 50 on that rank;
 - `kill_in_save`  the rank SIGKILLs itself inside the save of that step, after DeepSpeed wrote
                   its files and before the manifest and `latest` (a crash mid-checkpoint);
 - `hang`          the rank SIGSTOPs itself at the start of that step (a hung peer);
@@ -16,7 +17,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("nan_loss", "kill_in_save", "hang", "nan_weights")
+KINDS = ("nan_loss", "spike_loss", "kill_in_save", "hang", "nan_weights")
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,4 @@ class Faults:
 
             with torch.no_grad():
                 next(module.parameters()).view(-1)[0] = float("nan")
+

@@ -1,0 +1,208 @@
+"""What the README promises, each checked by behaviour: signals, dead peers, loss spikes, what a run
+dir holds, resharded runs resuming from their own config, tokenizer inputs, checkpoint paths,
+BLEU on Hugging Face dirs, and refusals (fp16 reshard, malicious pickles)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train_utils import (ROOT, TINY, base_overrides, bigllm_cli, clean_env, free_port, run_ok, torchrun, train_log,
+                         train_losses)
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for_log_step(run_dir, step: int, proc, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    log = run_dir / "train_log.jsonl"
+    while time.time() < deadline:
+        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {log}")
+
+
+def test_sigterm_saves_and_exits_3(tokenizer_dir, shard_prefix, tmp_path):
+    """A plain `python -m bigllm train` (what srun starts) gets SIGTERM mid-run: it saves at the next
+    step boundary, writes status.json and exits 3 itself."""
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{"train.max_steps": 200})
+    proc = subprocess.Popen([sys.executable, "-m", "bigllm", "train", str(TINY), *overrides], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_log_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "requeue" and status["reason"] == "SIGTERM" and 2 <= status["step"] < 200
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{status['step']:07d}"
+    assert f"stopping at step {status['step']} (SIGTERM): checkpoint saved" in out
+
+
+def test_a_killed_peer_is_named_in_one_line(tokenizer_dir, shard_prefix, tmp_path):
+    """Two ranks started by hand (as srun does: RANK, WORLD_SIZE, MASTER_ADDR/PORT); rank 1 is
+    SIGKILLed mid-run: rank 0 exits 1 with the dead-peer message, without a traceback."""
+    port = free_port()
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 200, "parallel.timeout_s": 20})
+    procs = []
+    for rank in range(2):
+        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "bigllm", "train", str(TINY), *overrides], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    _wait_for_log_step(tmp_path, 2, procs[0])
+    procs[1].kill()
+    procs[1].communicate(timeout=30)
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 1
+    assert "a peer process died or hung" in err and "parallel.timeout_s=20" in err, err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_loss_spike_factor_stops_before_the_update(tokenizer_dir, shard_prefix, tmp_path):
+    """A micro-batch loss 50x the running mean at step 4: stopped with train.loss_spike_factor=3,
+    trained through without it."""
+    extra = {"train.max_steps": 5, "train.save_interval": 2, "parallel.zero_stage": 1}
+    guarded = torchrun(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "guarded", **extra,
+                                         **{"train.loss_spike_factor": 3}), env_extra={"BIGLLM_FAULT": "spike_loss@4"})
+    assert guarded.returncode != 0
+    assert "step 4: loss" in guarded.stderr and "is a spike (> 3.0 x running mean" in guarded.stderr
+    assert (tmp_path / "guarded" / "checkpoints" / "latest").read_text() == "step_0000002"
+    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "free", **extra),
+           env_extra={"BIGLLM_FAULT": "spike_loss@4"})
+    assert train_losses(tmp_path / "free")[4] > 10 * train_losses(tmp_path / "free")[3]
+
+
+def test_run_dir_holds_the_config_and_logs(tokenizer_dir, shard_prefix, tmp_path):
+    """config.yaml and deepspeed_config.json are the resolved configs; train_log.jsonl holds the
+    validation perplexity and MFU."""
+    from bigllm.config import RunConfig
+    from bigllm.config_loader import load_config
+    from bigllm.parallel.dims import ParallelDims
+    from bigllm.train.engine import deepspeed_config
+
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 4, "train.eval_interval": 2, "train.peak_tflops": 0.5, "parallel.zero_stage": 2})
+    run_ok(2, overrides)
+    cfg = load_config(RunConfig, TINY, overrides)
+    assert load_config(RunConfig, tmp_path / "config.yaml") == cfg
+    assert json.loads((tmp_path / "deepspeed_config.json").read_text()) == deepspeed_config(
+        cfg, ParallelDims.from_world(2, 1, 1))
+    ppl, loss = train_log(tmp_path, "valid/ppl"), train_log(tmp_path, "valid/loss")
+    assert sorted(ppl) == [0, 2, 4] and all(ppl[s] == pytest.approx(math.exp(loss[s])) for s in ppl)
+    assert ppl[4] < ppl[0]
+    mfu, tflops = train_log(tmp_path, "train/mfu"), train_log(tmp_path, "train/tflops_per_device")
+    assert sorted(mfu) == [1, 2, 3, 4] and all(mfu[s] == pytest.approx(tflops[s] / 0.5) for s in mfu)
+
+
+def test_resharded_run_resumes_from_its_own_config(small_run, small_data, tmp_path):
+    """`bigllm train OUT/config.yaml` continues a resharded run at its step and sample position."""
+    from train_utils import launch
+
+    out = tmp_path / "tp2"
+    assert bigllm_cli("convert", "reshard", "--checkpoint", small_run(1, 1), "--tp", 2, "--pp", 1,
+                      "--output", out).returncode == 0
+    proc = launch(2, ["train", out / "config.yaml", "train.max_steps=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 2 (8 samples consumed)" in proc.stdout
+    assert sorted(train_losses(out)) == [3]
+
+
+def test_reshard_refuses_fp16_in_one_line(small_run, tmp_path):
+    run = tmp_path / "fp16"
+    shutil.copytree(small_run(1, 1), run)
+    tag = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((tag / "meta.json").read_text())
+    meta["config"]["train"]["precision"] = "fp16"
+    (tag / "meta.json").write_text(json.dumps(meta))
+    proc = bigllm_cli("convert", "reshard", "--checkpoint", run, "--tp", 1, "--pp", 1, "--output", tmp_path / "o")
+    assert proc.returncode == 1 and "trained in fp16" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+class _Payload:
+    marker = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_convert_refuses_a_malicious_pickle(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run(1, 1), run)
+    tag = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    target = tag / "mp_rank_00_model_states.pt"
+    _Payload.marker = tmp_path / "pwned"
+    target.write_bytes(pickle.dumps({"module": _Payload()}))
+    meta = json.loads((tag / "meta.json").read_text())
+    meta["manifest"][target.name] = target.stat().st_size  # a forger would fix the manifest too
+    (tag / "meta.json").write_text(json.dumps(meta))
+    for command in (["consolidate"], ["to-hf"]):
+        proc = bigllm_cli("convert", *command, "--checkpoint", run, "--output", tmp_path / "out")
+        assert proc.returncode == 1, proc.stderr
+        assert "refusing to load" in proc.stderr and "weights_only=True" in proc.stderr
+    assert not _Payload.marker.exists(), "the pickle's payload ran"
+
+
+def test_tokenizer_trains_from_parquet_and_an_hf_dataset_dir(corpus_jsonl, tmp_path):
+    import datasets
+
+    from bigllm.tokenizer import Tokenizer
+
+    texts = [json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()]
+    ds = datasets.Dataset.from_dict({"body": texts})
+    ds.to_parquet(str(tmp_path / "c.parquet"))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    for name in ("c.parquet", "hf"):
+        out = tmp_path / f"tok-{name}"
+        proc = bigllm_cli("tokenizer", "train", "--input", tmp_path / name, "--json-key", "body", "--vocab-size", 400,
+                          "--output", out, "--max-sentences", 20000)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        tok = Tokenizer.load(out)
+        sentence = "The function returns the value of the module attribute."
+        assert tok.vocab_size == 400 and tok.decode(tok.encode(sentence)) == sentence
+        assert json.loads((out / "tokenizer.json").read_text())["documents"] == len(texts)
+
+
+def test_checkpoint_tag_dir_is_evaluated_at_its_own_step(tokenizer_dir, shard_prefix, tmp_path):
+    """--checkpoint RUN_DIR/checkpoints/step_N evaluates that step, not `latest`."""
+    run_ok(1, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "run", **{
+        "train.max_steps": 4, "train.save_interval": 2}))
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"text": "The module docstring explains the function. " * 20}) + "\n")
+    reports = {}
+    for name, ck in (("step2", tmp_path / "run" / "checkpoints" / "step_0000002"), ("latest", tmp_path / "run")):
+        proc = bigllm_cli("evaluate", "perplexity", "--checkpoint", ck, "--data", data, "--output",
+                          tmp_path / f"{name}.json", "--quiet")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert reports["step2"]["checkpoint"]["step"] == 2 and reports["latest"]["checkpoint"]["step"] == 4
+    assert reports["step2"]["loss"] != reports["latest"]["loss"]
+
+
+def test_bleu_on_a_hugging_face_dir_equals_native(tiny_run, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in (
+        {"prompt": "months: march april", "reference": "may june july"},
+        {"prompt": "count: 5 6 7", "reference": "8 9 10 11"})))
+    assert bigllm_cli("convert", "to-hf", "--checkpoint", tiny_run["run"], "--output", tmp_path / "hf").returncode == 0
+    scores = {}
+    for name, ck in (("native", tiny_run["run"]), ("hf", tmp_path / "hf")):
+        proc = bigllm_cli("evaluate", "bleu", "--checkpoint", ck, "--data", pairs, "--max-new-tokens", 8, "--stop", ".",
+                          "--output", tmp_path / f"{name}.json", "--quiet")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["hf"]["checkpoint"]["format"] == "huggingface"
+    assert (tmp_path / "hf.hyps.txt").read_text() == (tmp_path / "native.hyps.txt").read_text()
+    assert scores["hf"]["bleu"] == scores["native"]["bleu"]
