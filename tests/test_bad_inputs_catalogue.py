@@ -134,9 +134,10 @@ CASES = [
      ["holds a checkpoint of another model", "model.hidden_size 128 (checkpoint) != 64 (config)"]),
     ("train-with-another-tokenizer", lambda ws: ["train", str(TINY), *base_overrides(
         ws / "big-tok", ws / "shard", ws / "run")], ["is not the tokenizer the checkpoint was trained with"]),
-    ("train-at-another-layout", lambda ws: ["train", str(TINY), *base_overrides(
-        ws / "tok", ws / "shard", ws / "run", **{"parallel.zero_stage": 1})],
-     ["was written at tp=1 pp=1 dp=1 ZeRO-0, this launch is tp=1 pp=1 dp=1 ZeRO-1", "bigllm convert reshard"]),
+    # another layout resumes (tests/test_elastic.py); another precision does not
+    ("train-at-another-precision", lambda ws: ["train", str(TINY), *base_overrides(
+        ws / "tok", ws / "shard", ws / "run", **{"parallel.zero_stage": 1, "train.precision": "bf16"})],
+     ["was trained in fp32, this launch asks for train.precision=bf16", "set train.precision=fp32"]),
     # a tokenizer larger than the model's vocabulary
     ("evaluate-with-a-larger-tokenizer", lambda ws: ["evaluate", "perplexity", "--checkpoint", str(ws / "run"),
                                                      "--tokenizer", str(ws / "big-tok"), "--data", str(ws / "good.jsonl")],

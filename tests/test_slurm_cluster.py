@@ -301,3 +301,28 @@ def test_evaluate_template_reports_what_the_cli_reports(slurm_env, tiny_run, tmp
     got, want = (json.loads((tmp_path / n).read_text()) for n in ("slurm.json", "local.json"))
     assert got["tokens"] == want["tokens"] > 0
     assert abs(got["perplexity"] - want["perplexity"]) <= 1e-9 * want["perplexity"], (got, want)
+
+
+def test_resubmitted_on_fewer_nodes_resumes_the_run(slurm_env, tokenizer_dir, shard_prefix, tmp_path):
+    """`bigllm slurm submit` on 2 nodes, then the same run dir on 1 node: the second job resumes
+    the 2-node checkpoint at its new layout (dp 2 -> 1, ZeRO-1) and continues the losses of an
+    uninterrupted 2-process run. (A constant learning rate: the first job's max_steps is shorter.)"""
+    from train_utils import base_overrides, run_ok, train_losses
+
+    extra = {"parallel.zero_stage": 1, "optim.decay": "constant", "optim.warmup_steps": 0}
+    reference = tmp_path / "reference"
+    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, reference, **{"train.max_steps": 4, **extra}))
+    run_dir = tmp_path / "run"
+    first = submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, 2, 1, wait=True,
+                            **{"train.max_steps": 2, **extra})
+    assert first.returncode == 0, f"{first.stderr}\n{log_text(run_dir)}"
+    for out in run_dir.glob("slurm-*.out"):
+        out.rename(out.with_suffix(".first"))
+    second = submit_training(slurm_env, run_dir, tokenizer_dir, shard_prefix, 1, 1, wait=True,
+                             **{"train.max_steps": 4, **extra})
+    log = log_text(run_dir)
+    assert second.returncode == 0, f"{second.stderr}\n{log}"
+    assert "resharded from tp=1 pp=1 dp=2 ZeRO-1 to tp=1 pp=1 dp=1 ZeRO-1" in log, log[-3000:]
+    got, want = train_losses(run_dir), train_losses(reference)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert all(abs(got[s] - want[s]) <= 1e-5 for s in want), (got, want)

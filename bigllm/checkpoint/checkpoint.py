@@ -83,14 +83,37 @@ class Checkpoint:
         return load_weights_only(self.file(rel))
 
     # ----- weights ------------------------------------------------------------------------
-    def iter_weights(self, dtype: str = "fp32") -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """(canonical name, tp shards) in file order, from whichever files hold the weights."""
+    def iter_weights(self, dtype: str = "fp32", names: set[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """(canonical name, tp shards) in file order, from whichever files hold the weights; with
+        `names`, only the files (pipeline stages, layers) that hold some of them are opened."""
         precision = self.cfg.train.precision
         if self.zero_stage == 3 or (dtype == "fp32" and precision != "fp32" and self.zero_stage >= 1):
-            return zero.iter_masters(self)
+            return zero.iter_masters(self, self.stages_holding(names))
         if self.pp > 1:
-            return self._iter_pipeline()
+            return self._iter_pipeline(names)
         return self._iter_pp1(masters=dtype == "fp32" and precision != "fp32")
+
+    def stages_holding(self, names: set[str] | None) -> list[int]:
+        """The source pipeline stages that hold any of `names` (all stages for None)."""
+        if names is None:
+            return list(range(self.pp))
+        return [s for s in range(self.pp) if names & set(structure.stage_names(self.cfg.model, self.pp, s))]
+
+    def rank_state(self, names: set[str], with_moments: bool = True) -> tuple[dict, dict | None, list[dict], dict]:
+        """A rank's share of the run state, read only from the files holding it (elastic resume):
+        (name -> full fp32 weight, name -> {step, exp_avg, exp_avg_sq} full or None, AdamW
+        param-group settings, LR-scheduler state), for the canonical `names` only."""
+        weights = {}
+        for name, shards in self.iter_weights("fp32", names):
+            if name in names and name not in weights:
+                weights[name] = structure.merge_tp(name, shards).float()
+        expected = structure.full_shapes(self.cfg.model, self.vocab_size)
+        bad = sorted(n for n in names if n not in weights or tuple(weights[n].shape) != expected.get(n))
+        if bad:
+            raise CheckpointError(f"checkpoint {self.tag_dir} holds no weights of the expected shape for {bad[:3]}; "
+                                  "it does not match its config")
+        moments, groups, sched = self.optimizer(with_moments, names)
+        return weights, moments, groups, sched
 
     def weights(self, dtype: str = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:
         """Canonical name -> full tensor, in canonical order, cast to `dtype`, checked against the config."""
@@ -129,11 +152,14 @@ class Checkpoint:
                                   "use --dtype bf16")
         return dict(zip(order, flat))
 
-    def _iter_pipeline(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """One pipeline layer's tp shards at a time."""
+    def _iter_pipeline(self, names: set[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """One pipeline layer's tp shards at a time (only the layers holding `names`, if given)."""
         n = self.cfg.model.num_layers
         last = n + 1 if self.cfg.model.tie_embeddings else n + 2  # a tied head has no file of its own
+        wanted = None if names is None else {structure.pipeline_layer_of(name, n)[0] for name in names}
         for layer in range(last + 1):
+            if wanted is not None and layer not in wanted:
+                continue
             per_rank = [_strip(self.load(f"layer_{layer:02d}-model_{t:02d}-model_states.pt")) for t in range(self.tp)]
             for key in per_rank[0]:
                 yield structure.canonical_of(layer, key, n), [r[key] for r in per_rank]
@@ -150,22 +176,25 @@ class Checkpoint:
                                       f"{expected[name]} (layout tp={self.tp} pp={self.pp})")
 
     # ----- optimizer ----------------------------------------------------------------------
-    def optimizer(self, with_moments: bool = True) -> tuple[dict | None, list[dict], dict | None]:
+    def optimizer(self, with_moments: bool = True,
+                  names: set[str] | None = None) -> tuple[dict | None, list[dict], dict | None]:
         """(canonical AdamW moments {name: {step, exp_avg, exp_avg_sq}} or None, param-group settings,
-        LR-scheduler state), from the mp_rank files (ZeRO-0) or the ZeRO shards."""
+        LR-scheduler state), from the mp_rank files (ZeRO-0) or the ZeRO shards; with `names`, the
+        moments of those only, from the stages holding them."""
         if self.zero_stage == 0:
-            moments, groups, sched = self._zero0_optimizer()
+            moments, groups, sched = self._zero0_optimizer(names)
             return (moments if with_moments else None), groups, sched
-        moments, groups = zero.read_moments(self) if with_moments else (None, zero.param_groups(self))
+        moments, groups = (zero.read_moments(self, self.stages_holding(names), names) if with_moments
+                           else (None, zero.param_groups(self)))
         return moments, groups, load_weights_only(zero.model_states_file(self, 0)).get("lr_scheduler")
 
-    def _zero0_optimizer(self) -> tuple[dict, list[dict], dict]:
+    def _zero0_optimizer(self, wanted: set[str] | None = None) -> tuple[dict, list[dict], dict]:
         m = self.cfg.model
-        stages = [structure.stage_names(m, self.pp, s) for s in range(self.pp)]
         shapes = structure.full_shapes(m, self.vocab_size)
         per_name: dict[str, dict[int, dict]] = {}
         groups, sched = None, None
-        for s, names in enumerate(stages):
+        for s in self.stages_holding(wanted):
+            names = structure.stage_names(m, self.pp, s)
             for t in range(self.tp):
                 ckpt = self.load(f"mp_rank_{s * self.tp + t:02d}_model_states.pt")
                 optim = ckpt.get("optimizer") or {}
@@ -173,7 +202,7 @@ class Checkpoint:
                 groups, sched = groups or optim.get("param_groups"), sched or ckpt.get("lr_scheduler")
                 order = structure.optimizer_order(names, {n: shapes[n] for n in names})
                 for i, name in enumerate(order):
-                    if i in optim.get("state", {}):
+                    if i in optim.get("state", {}) and (wanted is None or name in wanted):
                         per_name.setdefault(name, {}).setdefault(t, optim["state"][i])  # tied copies agree
         if groups is None:
             raise CheckpointError(f"checkpoint {self.tag_dir} holds no optimizer state; use --reset-optimizer")

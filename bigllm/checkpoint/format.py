@@ -46,6 +46,12 @@ class Layout:
     def __str__(self) -> str:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero_stage}"
 
+    def same_files(self, other: "Layout") -> bool:
+        """Whether DeepSpeed's own loader reads a checkpoint of this layout at `other`: the same
+        tp, pp and ZeRO stage, and the same dp unless ZeRO-0 (whose files are dp-independent)."""
+        return ((self.tp, self.pp, self.zero_stage) == (other.tp, other.pp, other.zero_stage)
+                and (self.dp == other.dp or self.zero_stage == 0))
+
 
 @dataclass
 class CheckpointMeta:

@@ -174,21 +174,16 @@ def param_groups(src) -> list[dict]:
 
 
 def canonical_name(local: str, src) -> str:
-    """The canonical name of an engine parameter name (pipeline: `<layer>.<key>`, `tied_modules.*`)."""
-    if src.pp == 1:
-        return local
-    if local.startswith("tied_modules."):
-        _, _, attr = local.split(".", 2)
-        if attr == "word_embeddings.weight":
-            return structure.EMBED
-        raise CheckpointError(f"unknown tied parameter {local} in {src.tag_dir}; it was not written by bigllm train")
-    layer, key = local.split(".", 1)
-    return structure.canonical_of(int(layer), key, src.cfg.model.num_layers)
+    """The canonical name of an engine parameter name of the source run."""
+    try:
+        return structure.canonical_of_module_name(local, src.pp, src.cfg.model.num_layers)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (in {src.tag_dir}: it was not written by bigllm train)") from None
 
 
-def iter_stages(src, keys: tuple) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
-    """Per pipeline stage: (canonical name -> per-tp-rank {key: tensor}, base param groups)."""
-    for stage in range(src.pp):
+def iter_stages(src, keys: tuple, stages: list[int] | None = None) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
+    """Per pipeline stage (all, or `stages`): (canonical name -> per-tp-rank {key: tensor}, base param groups)."""
+    for stage in range(src.pp) if stages is None else stages:
         per_tp, groups = [], None
         for t in range(src.tp):
             tensors, groups = read_rank(src, stage * src.tp + t, keys)
@@ -196,25 +191,26 @@ def iter_stages(src, keys: tuple) -> Iterator[tuple[dict[str, list[dict]], list[
         yield {name: [rank[name] for rank in per_tp] for name in per_tp[0]}, groups
 
 
-def iter_masters(src) -> Iterator[tuple[str, list[torch.Tensor]]]:
+def iter_masters(src, stages: list[int] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(canonical name, tp shards) of the fp32 master weights, one stage at a time (tied copies once)."""
     seen = set()
-    for stage, _ in iter_stages(src, ("fp32",)):
+    for stage, _ in iter_stages(src, ("fp32",), stages):
         for name, per_tp in stage.items():
             if name not in seen:
                 seen.add(name)
                 yield name, [r["fp32"] for r in per_tp]
 
 
-def read_moments(src) -> tuple[dict, list[dict]]:
-    """(canonical {name: {step, exp_avg, exp_avg_sq}} merged over tp in canonical order, param-group settings)."""
+def read_moments(src, stages: list[int] | None = None, wanted: set[str] | None = None) -> tuple[dict, list[dict]]:
+    """(canonical {name: {step, exp_avg, exp_avg_sq}} merged over tp in canonical order, param-group
+    settings), of every parameter or only of `wanted` (read from `stages`)."""
     moments, groups = {}, None
-    for stage, groups in iter_stages(src, MOMENTS):
+    for stage, groups in iter_stages(src, MOMENTS, stages):
         for name, per_tp in stage.items():
-            if name not in moments:  # tied copies were updated alike
+            if name not in moments and (wanted is None or name in wanted):  # tied copies were updated alike
                 moments[name] = {"step": per_tp[0]["step"],
                                  **{k: structure.merge_tp(name, [r[k] for r in per_tp]) for k in MOMENTS}}
-    names = structure.canonical_names(src.cfg.model)
+    names = [n for n in structure.canonical_names(src.cfg.model) if wanted is None or n in wanted]
     missing = [n for n in names if n not in moments]
     if missing or len(moments) != len(names):
         raise CheckpointError(f"the ZeRO shards of {src.tag_dir} hold no moments for {missing[:3]} (or unknown "

@@ -26,11 +26,12 @@ _FIELDS = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.floa
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+                  dp_rank: int, dp_size: int, trace=None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro batches of this dp rank, starting at the step that begins at `consumed_samples`.
 
     Each step yields global / (micro * dp) micro batches: {"tokens", "labels", "position_ids":
-    [b, s] int64, "loss_mask": [b, s] float32}.
+    [b, s] int64, "loss_mask": [b, s] float32}. `trace(indices)`, if given, hears each micro
+    batch's dataset indices before it is read.
     """
     _check_layout(global_batch_size, micro_batch_size, dp_rank, dp_size)
     if consumed_samples < 0:
@@ -43,8 +44,10 @@ def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_
     while True:
         first = step_start + dp_rank * per_rank
         for offset in range(0, per_rank, micro_batch_size):
-            start = first + offset
-            yield collate([dataset[i % size] for i in range(start, start + micro_batch_size)])
+            indices = [i % size for i in range(first + offset, first + offset + micro_batch_size)]
+            if trace is not None:
+                trace(indices)
+            yield collate([dataset[i] for i in indices])
         step_start += global_batch_size
 
 

@@ -194,6 +194,20 @@ def canonical_of(layer: int, key: str, num_layers: int) -> str:
     return f"blocks.{layer - 1}.{key}"
 
 
+def canonical_of_module_name(local: str, pp: int, num_layers: int) -> str:
+    """The canonical name of a training engine's parameter: itself at pp = 1; in a PipelineModule
+    `<layer>.<key>`, or `tied_modules.<key>.word_embeddings.weight` for the tied embedding."""
+    if pp == 1:
+        return local
+    if local.startswith("tied_modules."):
+        _, _, attr = local.split(".", 2)
+        if attr == "word_embeddings.weight":
+            return EMBED
+        raise CheckpointError(f"unknown tied parameter {local}; bigllm's model ties only the embedding")
+    layer, key = local.split(".", 1)
+    return canonical_of(int(layer), key, num_layers)
+
+
 def stage_bounds(num_layers: int, pp: int) -> list[int]:
     """Stage s holds pipeline layers [bounds[s], bounds[s+1]): DeepSpeed's 'type:Block' partition."""
     from deepspeed.runtime.utils import partition_balanced

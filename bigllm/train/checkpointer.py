@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bigllm.checkpoint import CheckpointMeta, Layout, checkpoint_root, engine_io, find_resumable, run_config_from_dict
+from bigllm.checkpoint import (Checkpoint, CheckpointMeta, Layout, checkpoint_root, elastic, engine_io, find_resumable,
+                               run_config_from_dict)
 from bigllm.config_loader import to_dict
 from bigllm.errors import CheckpointError
+from bigllm.model.structure import padded_vocab_size
 
 # ModelConfig fields that decide the weights' shapes (a checkpoint with others is another model).
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "kv_heads", "ffn_size", "tie_embeddings")
@@ -21,8 +23,9 @@ def tokenizer_digest(tokenizer_dir: str) -> str | None:
 
 
 def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
-    """Before any process group: a run dir's newest checkpoint must be this config's model, tokenizer
-    and layout, or the launch stops in one line naming what differs."""
+    """Before any process group: a run dir's newest checkpoint must be this config's model and
+    tokenizer, and a layout change must be one the run can be resharded across (same precision,
+    not fp16), or the launch stops in one line naming what differs."""
     found = find_resumable(cfg.train.run_dir, warn=lambda message: None)
     if found is None:
         return
@@ -31,6 +34,12 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
     saved = run_config_from_dict(meta.config).model
     diffs = [f"model.{k} {getattr(saved, k)} (checkpoint) != {getattr(cfg.model, k)} (config)" for k in SHAPE_FIELDS
              if getattr(saved, k) != getattr(cfg.model, k)]
+    if meta.vocab_size != vocab_size and meta.layout.tp != dims.tp and meta.vocab_size == padded_vocab_size(
+            cfg.model.vocab_size or tokenizer.vocab_size, cfg.model, meta.layout.tp):
+        raise CheckpointError(f"{where} pads the vocabulary to {meta.vocab_size} rows at tp={meta.layout.tp}, "
+                              f"tp={dims.tp} pads it to {vocab_size}, which changes the model; relaunch with "
+                              f"parallel.tp={meta.layout.tp}, or start the run with a model.make_vocab_size_divisible_by "
+                              "that both tp sizes divide alike")
     if meta.vocab_size != vocab_size:
         diffs.append(f"padded vocabulary {meta.vocab_size} (checkpoint) != {vocab_size} (config + tokenizer)")
     digest = tokenizer_digest(cfg.data.tokenizer)
@@ -45,11 +54,16 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
                               f"{'; '.join(diffs)}. Use a new train.run_dir, or the config the run was started with "
                               f"({Path(cfg.train.run_dir) / 'config.yaml'})")
     was, now = meta.layout, Layout(dims.tp, dims.pp, dims.dp, cfg.parallel.zero_stage)
-    same_shards = (was.tp, was.pp, was.zero_stage) == (now.tp, now.pp, now.zero_stage)
-    if not same_shards or (was.dp != now.dp and was.zero_stage > 0):
-        raise CheckpointError(f"{where} was written at {was}, this launch is {now}; relaunch with that layout, or "
-                              f"rewrite it with `bigllm convert reshard --checkpoint {cfg.train.run_dir} --tp N --pp M "
-                              "--output NEW_RUN_DIR` (ZeRO-0: any data-parallel size)")
+    if was.same_files(now):
+        return
+    precision = run_config_from_dict(meta.config).train.precision
+    if precision != cfg.train.precision:
+        raise CheckpointError(f"{where} was trained in {precision}, this launch asks for train.precision="
+                              f"{cfg.train.precision}; a precision change is not resumed: set train.precision="
+                              f"{precision}, or start a new run from `bigllm convert consolidate` weights")
+    if precision == "fp16":
+        raise CheckpointError(f"{where} was written at {was}, this launch is {now}; fp16 runs resume only at their "
+                              "own layout (the loss scaler's state is per layout): relaunch with that layout")
 
 
 class Checkpointer:
@@ -92,9 +106,29 @@ class Checkpointer:
         found = find_resumable(self.run_dir, warn=self.say)
         if found is None:
             return 0, 0
-        tag, _ = found
+        tag, meta = found
         tag_dir = checkpoint_root(self.run_dir) / tag
-        client = engine_io.load(self.engine, tag_dir, self.ctx.rank)
+        now = self.meta(0, 0).layout
+        t0 = time.perf_counter()
+        if meta.layout.same_files(now):
+            client, how = engine_io.load(self.engine, tag_dir, self.ctx.rank), ""
+        else:
+            client = elastic.load_into(self.engine, Checkpoint(tag_dir, meta), self.ctx.tp_rank, now.tp, now.pp)
+            self._reseed(int(client["step"]))
+            how = (f"; resharded from {meta.layout} to {now}: each rank read its weights, fp32 masters and AdamW "
+                   "moments from the source shards, RNG streams re-seeded from train.seed and the step")
         step, consumed = int(client["step"]), int(client["consumed_samples"])
-        self.say(f"resumed from {tag_dir} at step {step} ({consumed} samples consumed)")
+        self.saved_step = step  # that checkpoint exists: never rewrite it (in another layout) at this step
+        self.say(f"resumed from {tag_dir} at step {step} ({consumed} samples consumed) in "
+                 f"{time.perf_counter() - t0:.2f} s{how}")
         return step, consumed
+
+    def _reseed(self, step: int) -> None:
+        """After a layout change the saved RNG streams belong to other ranks: seed new ones per step."""
+        from megatron.core import tensor_parallel
+
+        from bigllm.parallel.context import seed_dropout
+
+        seed = self.cfg.train.seed + 7919 * step
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        seed_dropout(self.ctx, seed)

@@ -9,6 +9,9 @@ omitted) before launching; unset, nothing here runs. Kinds:
                   its files and before the manifest and `latest` (a crash mid-checkpoint);
 - `hang`          the rank SIGSTOPs itself at the start of that step (a hung peer);
 - `nan_weights`   after that step's update, one weight of the rank's model becomes NaN.
+
+BIGLLM_TRACE_SAMPLES=1 makes each rank append the dataset indices of every micro batch it
+reads to RUN_DIR/samples_rank{R}.jsonl (the tests check the data position by them).
 """
 
 from __future__ import annotations
@@ -53,3 +56,18 @@ class Faults:
             with torch.no_grad():
                 next(module.parameters()).view(-1)[0] = float("nan")
 
+
+def sample_tracer(run_dir, rank: int, environ=os.environ):
+    """The trace callback of `bigllm.data.sampler.micro_batches` when BIGLLM_TRACE_SAMPLES=1, else None."""
+    if environ.get("BIGLLM_TRACE_SAMPLES") != "1":
+        return None
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / f"samples_rank{rank}.jsonl"
+
+    def trace(indices: list[int]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(indices) + "\n")
+
+    return trace

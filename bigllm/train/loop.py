@@ -174,8 +174,10 @@ class Trainer:
         sizes = (t.global_batch_size * t.max_steps, t.eval_iters * t.micro_batch_size * dims.dp, 0)
         train_ds, valid_ds, _ = build_gpt_datasets(self.cfg.data, self.cfg.model.seq_length, t.seed,
                                                    self.tokenizer, sizes)
+        from bigllm.train.faults import sample_tracer
+
         batches = micro_batches(train_ds, self.consumed, t.global_batch_size, t.micro_batch_size, self.ctx.dp_rank,
-                                dims.dp)
+                                dims.dp, trace=sample_tracer(self.run_dir, self.ctx.rank))
         device = self.ctx.device
         stream = ({k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches)
         return stream, Validator(self.engine, valid_ds, t, self.ctx, self.pipeline)

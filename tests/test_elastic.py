@@ -1,0 +1,147 @@
+"""Elastic resume: `bigllm train` on a run dir whose checkpoint was written at another layout
+(tp, pp, dp, ZeRO stage) loads each rank's share from the source shards and goes on with the
+losses of the original layout (fp32, dropout 0, within 1e-5), reading exactly the samples the
+original run read next (checked by the sample indices each rank traces)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from train_utils import TINY, bigllm_cli, run_ok, small_overrides, torchrun, train_losses
+
+pytestmark = pytest.mark.slow
+
+STEPS, CUT = 4, 2  # the source saves at CUT and trains on to STEPS; every target resumes at CUT
+GLOBAL = 4  # small_overrides' global batch
+
+
+def _overrides(small_data, run_dir, tp, pp, zero, **extra):
+    return small_overrides(*small_data, run_dir, tp, pp, steps=STEPS, **{
+        "parallel.zero_stage": zero, "train.save_interval": 1, "train.keep_last": 0, "optim.warmup_steps": 1,
+        **extra})
+
+
+@pytest.fixture(scope="module")
+def source(small_data, tmp_path_factory):
+    """source(tp, pp, dp, zero) -> a run dir trained uninterrupted to STEPS in that layout, saving every step."""
+    made = {}
+
+    def get(tp, pp, dp, zero):
+        key = (tp, pp, dp, zero)
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp(f"src_tp{tp}pp{pp}dp{dp}z{zero}")
+            run_ok(tp * pp * dp, _overrides(small_data, run_dir, tp, pp, zero),
+                   env_extra={"BIGLLM_TRACE_SAMPLES": "1"})
+            made[key] = run_dir
+        return made[key]
+
+    return get
+
+
+def cut_back(run_dir, out, step: int):
+    """A copy of `run_dir` as it was right after the save at `step` (later checkpoints and logs dropped)."""
+    shutil.copytree(run_dir, out)
+    root = out / "checkpoints"
+    for tag in root.glob("step_*"):
+        if int(tag.name.split("_")[1]) > step:
+            shutil.rmtree(tag)
+    (root / "latest").write_text(f"step_{step:07d}")
+    log = out / "train_log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line).get("step", 0) <= step))
+    for trace in out.glob("samples_rank*.jsonl"):
+        trace.unlink()
+    return out
+
+
+def traced(run_dir) -> list[list[int]]:
+    """Each rank's traced sample indices, in reading order."""
+    return [[i for line in p.read_text().splitlines() for i in json.loads(line)]
+            for p in sorted(run_dir.glob("samples_rank*.jsonl"))]
+
+
+def resume(small_data, run_dir, tp, pp, dp, zero, stops: bool = False, **extra):
+    """Relaunch at the layout; `stops`: the run saves and stops early (torchrun reports a rank's
+    exit 3 as its own failure, so status.json says how it ended)."""
+    proc = torchrun(tp * pp * dp, _overrides(small_data, run_dir, tp, pp, zero, **extra),
+                    env_extra={"BIGLLM_TRACE_SAMPLES": "1"})
+    state = json.loads((run_dir / "status.json").read_text())["state"] if (run_dir / "status.json").exists() else None
+    assert (proc.returncode != 0, state) == (stops, "requeue" if stops else "finished"), \
+        f"exit {proc.returncode}, {state}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def assert_continues(run_dir, reference, first: int, last: int = STEPS):
+    got, want = train_losses(run_dir), train_losses(reference)
+    assert sorted(s for s in got if s > first) == list(range(first + 1, last + 1)), got
+    for step in range(first + 1, last + 1):
+        assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
+    # The data position: every sample of steps first+1..last read once, none of any other step.
+    per_rank = traced(run_dir)
+    read = {i for rank in per_rank for i in rank}
+    assert read == set(range(first * GLOBAL, last * GLOBAL)), sorted(read)
+    assert all(len(rank) == len(set(rank)) for rank in per_rank)
+
+
+CASES = {  # id: (source tp, pp, dp, zero) -> (target tp, pp, dp, zero)
+    "dp2-to-1-zero1": ((1, 1, 2, 1), (1, 1, 1, 1)),
+    "dp1-to-2-zero1": ((1, 1, 1, 1), (1, 1, 2, 1)),
+    "dp2-to-1-zero2": ((1, 1, 2, 2), (1, 1, 1, 2)),
+    "dp2-to-4-zero2": ((1, 1, 2, 2), (1, 1, 4, 2)),  # micro batch 1: 4 samples over 4 ranks
+    "dp2-to-1-zero3": ((1, 1, 2, 3), (1, 1, 1, 3)),
+    "dp2-to-1-zero0": ((1, 1, 2, 0), (1, 1, 1, 0)),
+    "tp2-to-1": ((2, 1, 1, 0), (1, 1, 1, 0)),
+    "pp1-to-2-zero0-to-1": ((2, 1, 1, 0), (1, 2, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resumes_at_another_layout_with_the_same_losses(case, small_data, source, tmp_path):
+    (s_tp, s_pp, s_dp, s_zero), (tp, pp, dp, zero) = CASES[case]
+    reference = source(s_tp, s_pp, s_dp, s_zero)
+    run_dir = cut_back(reference, tmp_path / "run", CUT)
+    out = resume(small_data, run_dir, tp, pp, dp, zero, **({"train.micro_batch_size": 1} if dp == 4 else {}))
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{CUT:07d}'} at step {CUT}" in out, out[-3000:]
+    if (s_tp, s_pp, s_zero) != (tp, pp, zero) or (s_dp != dp and s_zero):
+        assert f"resharded from tp={s_tp} pp={s_pp} dp={s_dp} ZeRO-{s_zero} to tp={tp} pp={pp} dp={dp} " \
+               f"ZeRO-{zero}" in out, out[-3000:]
+    assert_continues(run_dir, reference, CUT)
+
+
+def test_tp2xpp2_to_two_processes_then_one(small_data, source, tmp_path):
+    """The acceptance chain: TP2xPP2 on 4 processes -> tp1 pp1 dp2 -> one process, no command in
+    between, each hop continuing the 4-process run's losses."""
+    reference = source(2, 2, 1, 1)
+    run_dir = cut_back(reference, tmp_path / "run", CUT)
+    resume(small_data, run_dir, 1, 1, 2, 1, stops=True, **{"train.exit_interval": 1})  # CUT -> CUT + 1, stop
+    assert_continues(run_dir, reference, CUT, CUT + 1)
+    for trace in run_dir.glob("samples_rank*.jsonl"):
+        trace.unlink()
+    out = resume(small_data, run_dir, 1, 1, 1, 1)
+    assert "resharded from tp=1 pp=1 dp=2 ZeRO-1 to tp=1 pp=1 dp=1 ZeRO-1" in out, out[-3000:]
+    assert_continues(run_dir, reference, CUT + 1)
+
+
+def _refused(small_data, run_dir, world: int, **extra):
+    """`bigllm train` as rank 0 of `world` (the preflight runs before any process group)."""
+    env = dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    overrides = _overrides(small_data, run_dir, extra.pop("tp", 1), extra.pop("pp", 1), extra.pop("zero", 1), **extra)
+    proc = bigllm_cli("train", TINY, *overrides, env_extra=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_what_cannot_be_resumed_is_one_line(small_data, source, tmp_path):
+    run_dir = cut_back(source(1, 1, 2, 1), tmp_path / "run", CUT)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    line = _refused(small_data, run_dir, 3)  # global batch 4 over dp 3
+    assert "train.global_batch_size=4 is not divisible by train.micro_batch_size * dp = 2 * 3" in line, line
+    line = _refused(small_data, run_dir, 4, tp=4)  # 2 kv heads over tp 4
+    assert "model.num_kv_heads=2 is not divisible by parallel.tp=4" in line, line
+    line = _refused(small_data, run_dir, 1, **{"train.precision": "bf16"})
+    assert "was trained in fp32" in line and "train.precision=fp32" in line, line
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
