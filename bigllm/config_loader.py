@@ -127,7 +127,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            _check_complete(path, text)
+            data = yaml.safe_load(text) or {}
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); fix or restore the file") from None
         except yaml.YAMLError as exc:
@@ -158,6 +160,18 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# The last line of every config bigllm writes: a file that has the first but not the last was cut
+# short (a truncated YAML file can still parse, with whole sections silently left at defaults).
+WRITTEN_HEAD = "# bigllm resolved config: every key, as the run used it\n"
+WRITTEN_TAIL = "# end of bigllm config\n"
+
+
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML; `load_config` reads it back to an equal tree."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(WRITTEN_HEAD + yaml.safe_dump(to_dict(cfg), sort_keys=False) + WRITTEN_TAIL)
+
+
+def _check_complete(path: Path, text: str) -> None:
+    if text.startswith(WRITTEN_HEAD) and not text.endswith(WRITTEN_TAIL):
+        raise ConfigError(f"config file '{path}' was written by bigllm but is truncated (its last line "
+                          f"'{WRITTEN_TAIL.strip()}' is missing); restore it, e.g. from the checkpoint's meta.json")

@@ -1,6 +1,7 @@
 """A catalogue of bad inputs across the CLI, config, data, checkpoints and conversion.
 
-Each case runs the real `python -m bigllm ...` in a subprocess and must: exit non-zero, print
+Each case runs the real `bigllm` command line (`bigllm.cli.main`) in a fresh process of its own,
+forked from one that imported the libraries once (`train_utils.ForkServer`), and must: exit non-zero, print
 exactly one line on stderr that names the cause (and, where there is one, the fix), show no
 traceback, leave every existing file of the workspace byte-identical (checksums before and after)
 and leave no new file behind (a temporary, a half-written output).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import ROOT, TINY, base_overrides, run_ok
+from train_utils import ROOT, TINY, base_overrides, cli_env, fork_server, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -161,11 +162,15 @@ def _checksums(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _fails_in_one_line(argv: list[str], ws: Path, expected: list[str]) -> None:
+@pytest.fixture(scope="module")
+def bigllm_fork():
+    """`bigllm` as a fresh forked process per case, from one process that did the imports."""
+    return fork_server()
+
+
+def _fails_in_one_line(argv: list[str], ws: Path, expected: list[str], bigllm_fork) -> None:
     before = _checksums(ws)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "bigllm", *argv], capture_output=True, text=True, cwd=ws,
-                          env=env, timeout=120)
+    proc = bigllm_fork.run(argv, ws, env=cli_env(PYTHONWARNINGS="ignore"))
     # Progress bars (tqdm: "desc: N unit [mm:ss, rate]") may precede the error; they are not errors.
     lines = [l for l in proc.stderr.replace("\r", "\n").splitlines()
              if l.strip() and not re.search(r"\[\d\d:\d\d", l)]
@@ -180,8 +185,8 @@ def _fails_in_one_line(argv: list[str], ws: Path, expected: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(name, argv, expected, ws):
-    _fails_in_one_line(argv(ws), ws, expected)
+def test_bad_input(name, argv, expected, ws, bigllm_fork):
+    _fails_in_one_line(argv(ws), ws, expected, bigllm_fork)
 
 
 # ----- corrupt and truncated files ----------------------------------------------------------------
@@ -286,9 +291,9 @@ CORRUPT_CASES = [(kind, how, command) for kind, (_, _, hows, commands) in CORRUP
 
 
 @pytest.mark.parametrize("kind,how,command", CORRUPT_CASES, ids=["-".join(c) for c in CORRUPT_CASES])
-def test_damaged_file(kind, how, command, ws):
+def test_damaged_file(kind, how, command, ws, bigllm_fork):
     what, target, _, commands = CORRUPTIONS[kind]
     copy = _copy(ws, what, f"{kind}-{how}-{command}")
     _damage(target(copy), how)
     argv, expected = commands[command]
-    _fails_in_one_line(argv(ws, copy), ws, expected)
+    _fails_in_one_line(argv(ws, copy), ws, expected, bigllm_fork)

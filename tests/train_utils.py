@@ -121,11 +121,19 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path 
     return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
 
 
-def bigllm_cli(*args, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """One `python -m bigllm ARGS...` process (no launcher)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "bigllm", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+def cli_env(**extra) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+
+
+def bigllm_cli(*args, timeout: int = 300, env_extra: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """One `bigllm ARGS...` process (no launcher): forked from the session's warm ForkServer, or
+    with `fresh` (or a PYTHONPATH of its own) a new `python -m bigllm` interpreter, for tests of
+    what happens at import time (warnings, missing packages)."""
+    env = cli_env(**(env_extra or {}))
+    if fresh or "PYTHONPATH" in (env_extra or {}):
+        return subprocess.run([sys.executable, "-m", "bigllm", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=timeout)
+    return fork_server().run(args, ROOT, env=env, timeout=timeout)
 
 
 def free_port() -> int:
@@ -176,3 +184,80 @@ def parity_record(run_dir) -> dict[int, dict]:
     """step -> {"loss", "grad_norm"}: what the parity tests and the golden file compare."""
     losses, norms = train_losses(run_dir), train_log(run_dir, "train/grad_norm")
     return {step: {"loss": losses[step], "grad_norm": norms[step]} for step in sorted(losses)}
+
+
+# ----- a warm `python -m bigllm` for tests that run many short commands -------------------------
+_FORK_SERVER = r'''
+import json, os, sys, traceback
+import bigllm.cli
+from bigllm.commands import lazy  # noqa: F401
+import torch, deepspeed, megatron.core, sentencepiece, transformers  # noqa: F401  imported once, here
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the command, in a fresh process of its own
+        import signal
+        signal.alarm(req["timeout"])  # a hung command dies (SIGALRM) instead of hanging the tests
+        os.chdir(req["cwd"])
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        sys.argv = ["bigllm", *req["argv"]]
+        try:
+            code = bigllm.cli.main(req["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+'''
+
+
+class ForkServer:
+    """`python -m bigllm ARGV` without paying the imports each time: one server process imports
+    torch, DeepSpeed, megatron-core and bigllm once, then forks a fresh child per command, which
+    runs `bigllm.cli.main(ARGV)` in the given cwd and env with its own stdout/stderr (an uncaught
+    exception prints its traceback and exits 1, as the interpreter would)."""
+
+    def __init__(self, env: dict):
+        import tempfile
+
+        self.env, self.tmp = env, Path(tempfile.mkdtemp(prefix="bigllm-fork-"))
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], cwd=ROOT, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, argv: list, cwd, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+        out, err = self.tmp / "fork.stdout", self.tmp / "fork.stderr"
+        request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env or self.env, "stdout": str(out),
+                   "stderr": str(err), "timeout": int(timeout)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        code = json.loads(self.proc.stdout.readline())
+        result = subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        out.unlink()
+        err.unlink()
+        return result
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_SERVER: ForkServer | None = None
+
+
+def fork_server() -> ForkServer:
+    """The session's ForkServer, started on first use (and again if it died)."""
+    global _SERVER
+    if _SERVER is None or _SERVER.proc.poll() is not None:
+        import atexit
+
+        _SERVER = ForkServer(cli_env())
+        atexit.register(_SERVER.close)
+    return _SERVER
