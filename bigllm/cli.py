@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from bigllm import __version__
+from bigllm import __version__, console
 from bigllm.errors import BigLLMError
 
 COMMANDS = ("tokenizer", "preprocess", "train", "plan", "evaluate", "generate", "convert", "slurm")
@@ -30,6 +31,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="bigllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"bigllm {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party warnings and notices too (the same as BIGLLM_LOG=debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name in COMMANDS:
         module = importlib.import_module(f"bigllm.commands.{name}")
@@ -43,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.verbose:
+        os.environ["BIGLLM_LOG"] = "debug"  # the processes this one starts (torchrun, srun) show them too
+    console.quiet_third_party()
     try:
         result = args.handler(args)
     except BigLLMError as exc:

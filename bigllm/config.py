@@ -134,6 +134,17 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (the `bigllm[wandb]` extra); off while project is null."""
+
+    project: Optional[str] = None
+    # The run's display name (default: the run dir's name).
+    name: Optional[str] = None
+    # "offline" writes RUN_DIR/wandb/ only (`wandb sync` uploads it later); "disabled" logs nothing.
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
 class TrainConfig:
     """The loop: batch arithmetic, precision, intervals, outputs."""
 
@@ -152,6 +163,7 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16); null disables MFU.
     peak_tflops: Optional[float] = None
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     # Save and exit with code 3 ("requeue me") after this many steps of this launch (Megatron's
     # --exit-interval); null runs to max_steps. The schedule still follows max_steps.
     exit_interval: Optional[int] = None

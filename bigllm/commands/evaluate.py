@@ -60,10 +60,27 @@ def _register_bleu(inner) -> None:
     p.set_defaults(handler=lazy("bigllm.evaluate.cli:bleu_main"))
 
 
+def _register_harness(inner) -> None:
+    p = inner.add_parser(
+        "harness", help="lm-evaluation-harness tasks (multiple choice, rolling log-likelihood, generation)",
+        description="Run lm-eval tasks with lm-eval's own task manager and metrics on the checkpoint "
+        "(bigllm's model, tokenizer and KV-cache generation behind lm-eval's LM interface). Needs the "
+        "optional extra: pip install 'bigllm[eval]'. Offline with local task YAML files (--include-path).")
+    add_model_args(p)
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", metavar="DIR", help="a directory of task YAML files of your own")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--output", metavar="REPORT.json", help="write lm-eval's results and the provenance here")
+    p.set_defaults(handler=lazy("bigllm.evaluate.cli:harness_main"))
+
+
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint: perplexity, BLEU/chrF",
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: perplexity, BLEU/chrF, lm-eval tasks",
                        description="Offline evaluation of a bigllm checkpoint or a Hugging Face Llama dir.")
     inner = p.add_subparsers(dest="evaluate_command", metavar="TASK")
     _register_perplexity(inner)
     _register_bleu(inner)
+    _register_harness(inner)
     p.set_defaults(handler=lambda args: p.print_help() or 2)

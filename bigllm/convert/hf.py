@@ -29,7 +29,10 @@ def hf_tokenizer(model_file: str | Path):
     """A `PreTrainedTokenizerFast` that encodes like bigllm's SentencePiece Tokenizer (no BOS/EOS).
 
     transformers' `SpmConverter.build_tokenizer_from_spm_proto` follows the model's normalizer
-    spec (NFKC charsmap, whitespace handling, dummy prefix) and byte fallback.
+    spec (NFKC charsmap, whitespace handling, dummy prefix) and byte fallback. Its BOS token is
+    the EOD piece: a bigllm model sees every document after an EOD and never sees SentencePiece's
+    <s>, so a tool that conditions on BOS (lm-eval's hf model: empty contexts, rolling windows)
+    conditions it as it was trained, and scores as `bigllm evaluate harness` does.
     """
     from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
@@ -40,7 +43,7 @@ def hf_tokenizer(model_file: str | Path):
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     pieces = [p.piece for p in proto.pieces]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=pieces[0], bos_token=pieces[1],
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=pieces[0], bos_token=pieces[2],
                                    eos_token=pieces[2], pad_token=pieces[3], add_bos_token=False,
                                    add_eos_token=False, clean_up_tokenization_spaces=False,
                                    split_special_tokens=True)  # "<s>" in text is text, as in SentencePiece

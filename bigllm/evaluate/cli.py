@@ -183,3 +183,48 @@ def bleu_main(args) -> int:
     _say(f"{scores['bleu_str']} | {scores['chrf_str']}")
     _write_json(args.output, report)
     return 0
+
+
+# ----- lm-evaluation-harness ------------------------------------------------------------------
+def harness_main(args) -> int:
+    """lm-eval tasks on the checkpoint (under torchrun: in its own layout); rank 0 prints lm-eval's
+    table and writes lm-eval's results dict with the provenance."""
+    from bigllm.evaluate.harness import require_lm_eval, run_harness
+    from bigllm.evaluate.parallel import launched_with_several_processes
+
+    require_lm_eval()  # before the model is loaded
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise DataError("--tasks is empty; give comma-separated lm-eval task names")
+    parallel = launched_with_several_processes()
+    if parallel:
+        from bigllm.evaluate.parallel import load_sharded
+
+        lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
+        lead = lm.ctx.rank == 0
+    else:
+        from bigllm.evaluate.loading import load_lm
+
+        lm, lead = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device), True
+    try:
+        t0 = time.perf_counter()
+        out = run_harness(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size)
+    finally:
+        if parallel:
+            from bigllm.parallel.context import destroy_parallel
+
+            destroy_parallel()
+    if not lead:
+        return 0
+    from lm_eval import __version__ as lm_eval_version
+    from lm_eval.utils import make_table
+
+    print(make_table(out))
+    report = {"task": "harness", "tasks": tasks, "results": out["results"], "num_fewshot": args.num_fewshot,
+              "limit": args.limit, "seconds": round(time.perf_counter() - t0, 3),
+              "checkpoint": lm.info, "lm_eval_version": lm_eval_version}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+        _say(f"report written to {args.output}")
+    return 0

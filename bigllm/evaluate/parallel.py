@@ -109,7 +109,7 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> Sh
     return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=scored, info=info)
 
 
-def _my_batches(spans: list, batch_size: int, dp: int, dp_rank: int) -> list[list]:
+def my_batches(spans: list, batch_size: int, dp: int, dp_rank: int) -> list[list]:
     """Batches of windows dealt round-robin to dp ranks; every rank gets the same count (empty
     batches pad the tail, so each rank runs the same collectives)."""
     batches = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
@@ -131,36 +131,39 @@ def _fixed_batch(tokens: torch.Tensor, batch: list, batch_size: int, seq_len: in
     return inputs, targets, mask
 
 
-def _score_batches(lm: ShardedLM, batches: list, make, bar) -> torch.Tensor:
-    """[NLL sum, tokens] of this rank's batches of windows (complete on every rank of its
-    pipeline); make(windows) -> (inputs, targets, mask) tensors."""
+def run_batches(lm: ShardedLM, batches: list, make, score, shape: tuple, on_batch=None) -> torch.Tensor:
+    """score(logits [s, b, v/tp], targets, mask) of each of this rank's batches, stacked
+    [len(batches), *shape] and complete on every rank of its pipeline; make(batch) -> (inputs,
+    targets, mask) tensors, on_batch(result) hears each batch's result (progress)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     device = lm.ctx.device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    results = []
     if not lm.pipeline:
         with torch.no_grad():
             for inputs, targets, mask in map(make, batches):
                 logits = lm.engine.module(inputs.to(device))  # [s, b, v/tp]
-                part = masked_nll_sum(logits, targets.to(device), mask.to(device), lm.real_vocab)
-                total += part
-                bar.update(int(part[1]))
-        return total
+                results.append(score(logits, targets.to(device), mask.to(device)))
+                if on_batch:
+                    on_batch(results[-1])
+        return torch.stack(results) if results else torch.zeros((0, *shape), dtype=torch.float64, device=device)
     module = lm.engine.module
-    module.loss_fn = lambda logits, labels: masked_nll_sum(logits, labels[0], labels[1], lm.real_vocab)
+    module.loss_fn = lambda logits, labels: score(logits, labels[0], labels[1])
     chunk = 8  # micro-batches per eval_batch call: progress, and bounded memory for fwd outputs
     for start in range(0, len(batches), chunk):
         group = batches[start:start + chunk]
         it = iter([(i.to(device), (t.to(device), m.to(device))) for i, t, m in map(make, group)])
         outs = lm.engine.eval_batch(it, reduce_output=None, bcast_loss=False, num_micro_batches=len(group))
-        part = torch.stack(outs).sum(0).double() if lm.ctx.is_last_stage else torch.zeros(2, dtype=torch.float64,
-                                                                                           device=device)
+        part = (torch.stack(outs).double() if lm.ctx.is_last_stage
+                else torch.zeros((len(group), *shape), dtype=torch.float64, device=device))
         dist.broadcast(part, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-        total += part
-        bar.update(int(part[1]))
-    return total
+        results += list(part)
+        if on_batch:
+            for r in part:
+                on_batch(r)
+    return torch.stack(results) if results else torch.zeros((0, *shape), dtype=torch.float64, device=device)
 
 
 def parallel_nll(lm: ShardedLM, stream, seq_len: int, stride: int, batch_size: int, progress: bool):
@@ -175,14 +178,16 @@ def parallel_nll(lm: ShardedLM, stream, seq_len: int, stride: int, batch_size: i
         raise CheckpointError(f"--seq-len {seq_len} is longer than the model's seq_length "
                               f"{lm.cfg.model.seq_length}")
     spans = windows(len(stream.tokens), seq_len, stride)
-    mine = _my_batches(spans, batch_size, lm.ctx.dims.dp, lm.ctx.dp_rank)
+    mine = my_batches(spans, batch_size, lm.ctx.dims.dp, lm.ctx.dp_rank)
 
     def make(batch):
         return _fixed_batch(stream.tokens, batch, batch_size, seq_len, lm.tokenizer.pad)
 
     bar = tqdm(total=sum(w.end - w.first_scored for w in spans), unit="tok", desc="perplexity",
                disable=not progress or lm.ctx.rank != 0)
-    total = _score_batches(lm, mine, make, bar)
+    sums = run_batches(lm, mine, make, lambda logits, t, m: masked_nll_sum(logits, t, m, lm.real_vocab), (2,),
+                       on_batch=lambda part: bar.update(int(part[1])))
+    total = sums.sum(0) if len(sums) else torch.zeros(2, dtype=torch.float64, device=lm.ctx.device)
     # the bar shows rank 0's share; the sum over dp ranks is the whole stream
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     bar.close()

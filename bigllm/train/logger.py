@@ -3,6 +3,8 @@
     console       rank 0 prints `[bigllm] ...` lines, one per log interval (format_line)
     jsonl         RUN_DIR/train_log.jsonl, every scalar, one object per record
     TensorBoard   RUN_DIR/tensorboard/ (train.tensorboard)
+    W&B           the same scalars and the resolved config (train.wandb.project; RUN_DIR/wandb/),
+                  one W&B run per run dir, continued when the run resumes
     status.json   RUN_DIR/status.json: how this launch ended ({"state": "requeue" | "finished", ...})
 
 Only rank 0 writes; the other ranks' logger is silent. The logger decides its own
@@ -12,6 +14,7 @@ Only rank 0 writes; the other ranks' logger is silent. The logger decides its ow
 from __future__ import annotations
 
 import json
+import uuid
 import sys
 from pathlib import Path
 
@@ -19,11 +22,26 @@ from bigllm.fsutil import write_atomic
 from bigllm.train.metrics import format_line, memory_gb
 
 
+def check_wandb(wandb_cfg) -> None:
+    """Before any process group: train.wandb.project needs the wandb package."""
+    if wandb_cfg.project is None or wandb_cfg.mode == "disabled":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from bigllm.errors import ConfigError
+
+        raise ConfigError("train.wandb.project is set but wandb is not installed: pip install 'bigllm[wandb]', "
+                          "or set train.wandb.project=null") from None
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, train_cfg, rank: int):
+    def __init__(self, run_dir: Path, train_cfg, rank: int, config: dict | None = None):
         self.run_dir, self.cfg, self.lead = Path(run_dir), train_cfg, rank == 0
+        self.config = config or {}  # the resolved run config, for W&B
         self.writer = None
         self.log_file = None
+        self.wandb = None
 
     def open(self) -> None:
         """Open the jsonl log (append: a resumed run continues it) and TensorBoard's writer."""
@@ -34,6 +52,20 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        w = self.cfg.wandb
+        if w.project is not None and w.mode != "disabled":
+            self.wandb = self._open_wandb(w)
+
+    def _open_wandb(self, w):
+        """One W&B run per run dir: its id is kept in RUN_DIR/wandb_id, so a resumed run continues it."""
+        import wandb
+
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        write_atomic(id_file, run_id)
+        return wandb.init(project=w.project, name=w.name or self.run_dir.name, mode=w.mode, id=run_id,
+                          resume="allow", dir=str(self.run_dir), config=self.config,
+                          settings=wandb.Settings(console="off", silent=True))
 
     def say(self, message: str) -> None:
         if self.lead:
@@ -58,6 +90,8 @@ class RunLogger:
         if self.log_file is not None:
             self.log_file.write(json.dumps({"step": step, **scalars}) + "\n")
             self.log_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def write_status(self, state: str, step: int, reason: str) -> None:
         """RUN_DIR/status.json: how this launch ended. Launchers that hide exit codes (torchrun
@@ -66,6 +100,9 @@ class RunLogger:
             write_atomic(self.run_dir / "status.json", json.dumps({"state": state, "step": step, "reason": reason}))
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.writer is not None:
             self.writer.close()
         if self.log_file is not None:

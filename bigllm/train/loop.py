@@ -40,8 +40,11 @@ def preflight(cfg: RunConfig):
     from bigllm.parallel.context import resolve_dims
     from bigllm.train.engine import deepspeed_config
 
+    from bigllm.train.logger import check_wandb
+
     _, dims = resolve_dims(cfg.parallel)
     deepspeed_config(cfg, dims)  # batch divisibility, precision x zero x pp
+    check_wandb(cfg.train.wandb)
     tokenizer = load_tokenizer(cfg)
     if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer in {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but "
@@ -144,7 +147,7 @@ class Trainer:
         self.pipeline = dims.pp > 1
         self.engine = build_engine(cfg, model, dims, mpu=None if self.pipeline else MegatronMPU())
         self.faults = Faults.from_env()
-        self.logger = RunLogger(self.run_dir, t, ctx.rank)
+        self.logger = RunLogger(self.run_dir, t, ctx.rank, config=to_dict(cfg))
         self.checkpointer = Checkpointer(self.engine, cfg, ctx, self.vocab_size, self.tokenizer.vocab_size,
                                          self.faults, say=self.logger.say)
         self.guard = LossGuard(t.loss_spike_factor, t.nan_policy, str(self.run_dir / "checkpoints"))

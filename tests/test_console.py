@@ -1,0 +1,35 @@
+"""The console a person reads: no third-party warning reaches stderr from a 2-step training run
+(two processes), `evaluate perplexity` or `convert to-hf`; `--verbose` shows them again."""
+
+from __future__ import annotations
+
+import pytest
+
+from train_utils import bigllm_cli, small_overrides, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def warning_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Warning" in line or "warnings.warn" in line]
+
+
+def test_no_third_party_warnings_on_the_console(small_data, tmp_path):
+    tok, prefix = small_data
+    run = tmp_path / "run"
+    train = torchrun(2, small_overrides(tok, prefix, run, 1, 1, **{"parallel.zero_stage": 1}))
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert warning_lines(train.stderr) == [], train.stderr[-3000:]
+    assert sum("| loss" in line for line in train.stdout.splitlines()) == 2  # rank 0's step lines only
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "alpha beta gamma delta model token layer pipeline tensor shard"}\n' * 20)
+    evaluate = bigllm_cli("evaluate", "perplexity", "--checkpoint", run, "--data", text, "--seq-len", 32, fresh=True)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert warning_lines(evaluate.stderr) == [], evaluate.stderr[-3000:]
+    to_hf = bigllm_cli("convert", "to-hf", "--checkpoint", run, "--output", tmp_path / "hf", fresh=True)
+    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    assert warning_lines(to_hf.stderr) == [], to_hf.stderr[-3000:]
+    # --verbose: megatron-core's notices are back (the filters hid them, nothing else did)
+    loud = bigllm_cli("--verbose", "evaluate", "perplexity", "--checkpoint", run, "--data", text, "--seq-len", 32,
+                      fresh=True)
+    assert loud.returncode == 0 and any("Transformer Engine and Apex" in line for line in warning_lines(loud.stderr))
