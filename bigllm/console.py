@@ -2,7 +2,8 @@
 
 Each filter below names one notice, by its text and the module that raises it, and why it says
 nothing to a bigllm user; Python's warnings stay on for everything else. `bigllm --verbose ...`
-or BIGLLM_LOG=debug installs none of them.
+or BIGLLM_LOG=debug installs none of them. The test suite installs the same filters
+(tests/conftest.py), so its warning summary lists only what is left.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ NOTICES = (
      "from a dependency's import, not from bigllm's code"),
     (DeprecationWarning, r"The following imports from `dynamic_context\.py` will be removed", r"megatron\.core",
      "megatron-core's import of its own inference module"),
+    (DeprecationWarning, r"Warning. tp_group is None, using default", r"megatron\.core",
+     "bigllm's layers use megatron-core's default tp group (parallel_state) by design, on every call"),
+    (DeprecationWarning, r"MLP requires ffn_hidden_size", r"megatron\.core\.transformer\.spec_utils",
+     "megatron-core's own spec building; bigllm sets ffn_hidden_size in the config it passes"),
 )
 
 

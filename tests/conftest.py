@@ -28,6 +28,15 @@ sys.path.insert(0, str(ROOT / "tools"))  # the quickstart's task data (tools/qui
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_configure(config):
+    """The third-party notices bigllm's console filters (bigllm.console.NOTICES), filtered in the
+    tests' own processes too: the warning summary then lists what is left."""
+    from bigllm.console import NOTICES
+
+    for category, message, module, _why in NOTICES:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}:{module}")
+
+
 @pytest.fixture(scope="session")
 def corpus_jsonl(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
