@@ -14,7 +14,8 @@ from train_utils import TINY, bigllm_cli, run_ok, small_overrides, torchrun, tra
 
 pytestmark = pytest.mark.slow
 
-STEPS, CUT = 4, 2  # the source saves at CUT and trains on to STEPS; every target resumes at CUT
+STEPS, CUT = 5, 2  # the source saves at CUT and trains on to STEPS; every target resumes at CUT
+# (three resumed steps: the third loss is the first that sees a learning rate the resumed schedule computed)
 GLOBAL = 4  # small_overrides' global batch
 
 
