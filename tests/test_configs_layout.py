@@ -57,6 +57,9 @@ def test_deepspeed_config_overlaps_reduction_and_accumulates_bf16_in_fp32():
     ds = deepspeed_config(cfg, ParallelDims.from_world(8, 1, 1))
     zero = ds["zero_optimization"]
     assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    cfg.parallel.pp = 2  # DeepSpeed's pipeline engine would turn overlap_comm off with a warning
+    assert deepspeed_config(cfg, ParallelDims.from_world(8, 1, 2))["zero_optimization"]["overlap_comm"] is False
+    cfg.parallel.pp = 1
     assert 1e7 <= zero["reduce_bucket_size"] <= 2e8  # smaller than DeepSpeed's 5e8: reduction starts early
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"] == {"enabled": True}
     cfg.parallel.zero_stage = 0  # DeepSpeed has no fp32 accumulation at stage 0 ("unsupported mix")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def warning_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "Warning" in line or "warnings.warn" in line]
+    return [line for line in text.splitlines() if "warning" in line.lower() or "warnings.warn" in line]
 
 
 def test_no_third_party_warnings_on_the_console(small_data, tmp_path):

@@ -23,7 +23,7 @@ from bigllm.parallel.dims import ParallelDims
 BUCKET_ELEMENTS = 50_000_000
 
 
-def zero_config(stage: int) -> dict:
+def zero_config(stage: int, pipeline: bool = False) -> dict:
     """ZeRO section: the stage, and gradient reduction overlapped with the backward pass.
 
     overlap_comm reduces each bucket on a side stream as soon as its gradients are ready (ZeRO-2/3
@@ -32,7 +32,9 @@ def zero_config(stage: int) -> dict:
     """
     if stage == 0:
         return {"stage": 0}
-    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+    # DeepSpeed's pipeline engine reduces gradients after the schedule, not during it, and turns
+    # overlap_comm off with a warning: do not ask for it there.
+    zero = {"stage": stage, "overlap_comm": not pipeline, "contiguous_gradients": True,
             "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS}
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_param_persistence_threshold=100_000)
@@ -61,7 +63,7 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims) -> dict:
         "gradient_accumulation_steps": dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size),
         # DeepSpeed clips to 1.0 unless told otherwise: always say it.
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_config(p.zero_stage),
+        "zero_optimization": zero_config(p.zero_stage, pipeline=p.pp > 1),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -186,7 +188,7 @@ def describe_runtime(cfg: RunConfig, ctx) -> str:
     else:
         accumulation = f"{t.precision}, fp32 gradient accumulation"
     parts = [f"{ctx.device.type} ({dist.get_backend()})", f"attention SDPA [{kernel}]", accumulation,
-             f"ZeRO-{p.zero_stage}" + (" overlap_comm" if p.zero_stage else "")]
+             f"ZeRO-{p.zero_stage}" + (" overlap_comm" if p.zero_stage and p.pp == 1 else "")]
     if p.sequence_parallel:
         parts.append("sequence parallel")
     if p.tp > 1:
