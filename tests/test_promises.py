@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -16,8 +14,8 @@ import time
 
 import pytest
 
-from train_utils import (ROOT, TINY, base_overrides, bigllm_cli, clean_env, free_port, run_ok, torchrun, train_log,
-                         train_losses)
+from train_utils import (ROOT, TINY, base_overrides, bigllm_cli, clean_env, free_port, plant_malicious_pickle, run_ok,
+                         torchrun, train_log, train_losses)
 
 pytestmark = pytest.mark.slow
 
@@ -131,28 +129,16 @@ def test_reshard_refuses_fp16_in_one_line(small_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-class _Payload:
-    marker = None
-
-    def __reduce__(self):
-        return (os.system, (f"touch {_Payload.marker}",))
-
-
 def test_convert_refuses_a_malicious_pickle(small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run(1, 1), run)
     tag = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    target = tag / "mp_rank_00_model_states.pt"
-    _Payload.marker = tmp_path / "pwned"
-    target.write_bytes(pickle.dumps({"module": _Payload()}))
-    meta = json.loads((tag / "meta.json").read_text())
-    meta["manifest"][target.name] = target.stat().st_size  # a forger would fix the manifest too
-    (tag / "meta.json").write_text(json.dumps(meta))
+    plant_malicious_pickle(tag, tmp_path / "pwned")
     for command in (["consolidate"], ["to-hf"]):
         proc = bigllm_cli("convert", *command, "--checkpoint", run, "--output", tmp_path / "out")
         assert proc.returncode == 1, proc.stderr
         assert "refusing to load" in proc.stderr and "weights_only=True" in proc.stderr
-    assert not _Payload.marker.exists(), "the pickle's payload ran"
+    assert not (tmp_path / "pwned").exists(), "the pickle's payload ran"
 
 
 def test_tokenizer_trains_from_parquet_and_an_hf_dataset_dir(corpus_jsonl, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import TINY, base_overrides, launch, run_ok, torchrun, train_losses
+from train_utils import plant_malicious_pickle, TINY, base_overrides, launch, run_ok, torchrun, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -153,22 +152,12 @@ def test_nan_weights_are_never_saved(tokenizer_dir, shard_prefix, tmp_path):
     assert not (root / "step_0000002").exists()
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, (f"touch {_Payload.marker}",))
-
-
 def test_malicious_pickle_in_checkpoint_is_refused(tokenizer_dir, shard_prefix, tmp_path):
     overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path / "run", **{"train.max_steps": 2})
     run_ok(1, overrides)
     tag = tmp_path / "run" / "checkpoints" / "step_0000002"
-    target = tag / "mp_rank_00_model_states.pt"
-    _Payload.marker = tmp_path / "pwned"
-    target.write_bytes(pickle.dumps({"module": _Payload()}))
-    meta = json.loads((tag / "meta.json").read_text())
-    meta["manifest"][target.name] = target.stat().st_size  # a forger would fix the manifest too
-    (tag / "meta.json").write_text(json.dumps(meta))
+    plant_malicious_pickle(tag, tmp_path / "pwned")
     proc = torchrun(1, overrides + ["train.max_steps=3"])
     assert proc.returncode != 0
     assert "refusing to load" in proc.stderr and "weights_only=True" in proc.stderr
-    assert not _Payload.marker.exists(), "the pickle's payload ran"
+    assert not (tmp_path / "pwned").exists(), "the pickle's payload ran"

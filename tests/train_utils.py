@@ -261,3 +261,20 @@ def fork_server() -> ForkServer:
         _SERVER = ForkServer(cli_env())
         atexit.register(_SERVER.close)
     return _SERVER
+
+
+def plant_malicious_pickle(tag_dir: Path, marker: Path) -> Path:
+    """Replace the checkpoint's mp_rank_00 shard with a pickle that runs `touch MARKER` when
+    unpickled, and fix its manifest size as a forger would; the shard's path."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    target = Path(tag_dir) / "mp_rank_00_model_states.pt"
+    target.write_bytes(pickle.dumps({"module": Payload()}))
+    meta = json.loads((Path(tag_dir) / "meta.json").read_text())
+    meta["manifest"][target.name] = target.stat().st_size
+    (Path(tag_dir) / "meta.json").write_text(json.dumps(meta))
+    return target
