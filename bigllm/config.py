@@ -89,10 +89,14 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world is cut: tp x pp x dp = world size (dp is derived)."""
+    """How the world is cut: tp x pp x cp x dp = world size (dp is derived)."""
 
     tp: int = 1
     pp: int = 1
+    # Context parallelism (DeepSpeed-Ulysses): each of cp ranks holds s/cp of every sequence, and
+    # attention swaps sequence for heads with two all-to-alls, so the activations of a long sequence
+    # are divided by cp. Needs the heads and kv-heads of each tp rank divisible by cp.
+    cp: int = 1
     # ZeRO stage of the optimizer state sharding (DeepSpeed); pp > 1 allows 0 or 1 only.
     zero_stage: Literal[0, 1, 2, 3] = 0
     # Megatron-style sequence parallelism (needs tp > 1): between the tensor-parallel regions
@@ -103,8 +107,9 @@ class ParallelConfig:
     timeout_s: float = 600.0
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.cp < 1:
+            raise ConfigError(f"parallel.tp, parallel.pp and parallel.cp must be >= 1, got tp={self.tp}, "
+                              f"pp={self.pp}, cp={self.cp}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it cuts the sequence over "
                               "the tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")
@@ -208,6 +213,8 @@ class RunConfig:
         if p.sequence_parallel and m.seq_length % p.tp:
             raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp}, which "
                               "parallel.sequence_parallel=true needs; use a multiple of tp")
+        if p.cp > 1:
+            _check_context_parallel(m, p)
         if m.num_layers < p.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
                               "pipeline stages; use more layers or fewer stages")
@@ -217,3 +224,19 @@ class RunConfig:
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
                               f"train.micro_batch_size={self.train.micro_batch_size}")
+
+
+def _check_context_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """Ulysses gives each cp rank whole heads (of its tp rank's heads) over the whole sequence, and
+    each cp rank s/cp of the sequence between the attentions (s/(cp*tp) with sequence parallelism)."""
+    heads, kv = m.num_attention_heads // p.tp, m.kv_heads // p.tp
+    if heads % p.cp or kv % p.cp:
+        raise ConfigError(f"parallel.cp={p.cp} does not divide the attention heads of a tensor-parallel rank: "
+                          f"model.num_attention_heads={m.num_attention_heads} / tp={p.tp} = {heads} heads and "
+                          f"model.num_kv_heads={m.kv_heads} / tp={p.tp} = {kv} kv-heads; Ulysses gives each cp rank "
+                          f"whole heads: choose a cp (or tp) that divides both")
+    cut = p.cp * (p.tp if p.sequence_parallel else 1)
+    if m.seq_length % cut:
+        what = f"parallel.cp * parallel.tp = {p.cp} * {p.tp}" if p.sequence_parallel else f"parallel.cp={p.cp}"
+        raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by {what} = {cut} (each rank holds an "
+                          f"equal slice of the sequence); use a seq_length that is a multiple of {cut}")

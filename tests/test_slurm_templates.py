@@ -137,8 +137,8 @@ def test_dry_run_cpu_only(config, tmp_path):
     (["--time", "1h"], "--time '1h' is not a SLURM time"),
     (["--time", "2"], "is not longer than the 120 s pre-emption warning"),
     (["--gpus-per-node", "8", "--procs-per-node", "4"], "bigllm runs one process per GPU"),
-    (["--nodes", "3", "--procs-per-node", "1"], "set train.global_batch_size to a multiple of 3"),
-    (["parallel.tp=2", "--procs-per-node", "3"], "not divisible by parallel.tp*parallel.pp = 2*1"),
+    (["--nodes", "3", "--procs-per-node", "1"], "use a global batch that is a multiple of 3"),
+    (["parallel.tp=2", "--procs-per-node", "3"], "not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
     (["--template", "nope.sbatch"], "template 'nope.sbatch' not found"),
     (["--partition", "a b"], "without spaces"),
 ])

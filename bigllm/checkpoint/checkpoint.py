@@ -216,7 +216,8 @@ class Checkpoint:
     def describe(self) -> dict:
         """Provenance for reports and converted outputs."""
         return {"format": "bigllm", "checkpoint": str(self.tag_dir.resolve()), "step": self.step,
-                "layout": {"tp": self.tp, "pp": self.pp, "dp": self.meta.layout.dp, "zero_stage": self.zero_stage},
+                "layout": {"tp": self.tp, "pp": self.pp, "dp": self.meta.layout.dp, "cp": self.meta.layout.cp,
+                           "zero_stage": self.zero_stage},
                 "consumed_samples": self.meta.consumed_samples, "versions": self.meta.versions}
 
 

@@ -36,21 +36,36 @@ def tag_for(step: int) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a checkpoint's files are cut: tensor x pipeline x data parallel, and the ZeRO stage."""
+    """How a checkpoint's files are cut: tensor x pipeline x data parallel, and the ZeRO stage.
+
+    Context parallelism shards no weights; its cp ranks are DeepSpeed data-parallel ranks, so
+    ZeRO state is cut in dp x cp partitions (`dp_cp`)."""
 
     tp: int
     pp: int
     dp: int
     zero_stage: int = 0
+    cp: int = 1
+
+    @classmethod
+    def of(cls, dims, zero_stage: int) -> "Layout":
+        """The layout of a run's ParallelDims."""
+        return cls(dims.tp, dims.pp, dims.dp, zero_stage, dims.cp)
+
+    @property
+    def dp_cp(self) -> int:
+        """How many partitions ZeRO cut the optimizer state into."""
+        return self.dp * self.cp
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero_stage}"
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp} ZeRO-{self.zero_stage}"
 
     def same_files(self, other: "Layout") -> bool:
         """Whether DeepSpeed's own loader reads a checkpoint of this layout at `other`: the same
-        tp, pp and ZeRO stage, and the same dp unless ZeRO-0 (whose files are dp-independent)."""
+        tp, pp and ZeRO stage, and the same dp x cp unless ZeRO-0 (whose files are dp-independent)."""
         return ((self.tp, self.pp, self.zero_stage) == (other.tp, other.pp, other.zero_stage)
-                and (self.dp == other.dp or self.zero_stage == 0))
+                and (self.dp_cp == other.dp_cp or self.zero_stage == 0))
 
 
 @dataclass
@@ -83,7 +98,8 @@ class CheckpointMeta:
             data = json.loads(path.read_text())
             layout = data["layout"]
             return cls(config=data["config"], layout=Layout(int(layout["tp"]), int(layout["pp"]),
-                                                            int(layout.get("dp", 1)), int(layout.get("zero_stage", 0))),
+                                                            int(layout.get("dp", 1)), int(layout.get("zero_stage", 0)),
+                                                            int(layout.get("cp", 1))),
                        step=int(data["step"]), consumed_samples=int(data.get("consumed_samples", 0)),
                        vocab_size=int(data["vocab_size"]), tokenizer_vocab_size=data.get("tokenizer_vocab_size"),
                        tokenizer=data.get("tokenizer") or "", tokenizer_sha256=data.get("tokenizer_sha256"),

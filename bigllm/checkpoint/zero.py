@@ -45,7 +45,7 @@ def optim_files(src, mp: int) -> list[Path]:
         match = OPTIM_FILE.fullmatch(rel)
         if match and int(match.group(2)) == mp:
             by_dp[int(match.group(1))] = src.tag_dir / rel
-    dp = src.meta.layout.dp
+    dp = src.meta.layout.dp_cp  # ZeRO partitions: DeepSpeed's data-parallel ranks, dp x cp
     if sorted(by_dp) != list(range(dp)) or not by_dp:
         raise CheckpointError(f"checkpoint {src.tag_dir} lists ZeRO optimizer shards of dp ranks {sorted(by_dp)} "
                               f"for model-parallel rank {mp}, its layout needs dp ranks 0..{dp - 1}; "

@@ -64,6 +64,16 @@ def eval_batches(dataset, num_batches: int, micro_batch_size: int, dp_rank: int,
     return itertools.islice(batches, num_batches)
 
 
+def context_slice(batch: dict[str, torch.Tensor], cp_rank: int, cp: int) -> dict[str, torch.Tensor]:
+    """Context parallelism: this cp rank's consecutive s/cp positions of every field, [b, s] -> [b, s/cp].
+
+    The cp ranks of a dp rank read the same samples (the sampler knows dp only), so the
+    consumed-samples position and resume do not depend on cp."""
+    if cp == 1:
+        return batch
+    return {key: value.chunk(cp, dim=1)[cp_rank].contiguous() for key, value in batch.items()}
+
+
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack GPTDataset items into a batch: each field [s] -> [b, s] (extra keys are dropped)."""
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)

@@ -83,4 +83,5 @@ def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: i
     """The model for this rank: CausalLM when pp == 1, else this rank's pipeline stage."""
     if dims.pp == 1:
         return CausalLM(cfg, vocab_size, dims.tp, precision, seed, sequence_parallel)
-    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp, precision, seed, sequence_parallel)
+    # DeepSpeed's pipeline topology has no cp axis: cp ranks are data-parallel ranks to it (ParallelDims).
+    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp_cp, precision, seed, sequence_parallel)

@@ -72,33 +72,27 @@ def sdpa_backend(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int,
     return "none"
 
 
-class SDPAttention(torch.nn.Module):
-    """megatron's core-attention interface on torch SDPA.
+class LocalAttention(torch.nn.Module):
+    """Attention over the heads this rank holds, on torch SDPA.
 
-    query [sq, b, nq/tp, d], key/value [sk, b, nkv/tp, d], attention_mask None (causal: training)
-    or bool [b|1, 1, sq, sk] with True = masked (inference: padding, KV cache) -> [sq, b, nq/tp * d].
+    query [sq, b, nq, d], key/value [sk, b, nkv, d], attention_mask None (causal) or bool
+    [b|1, 1, sq, sk] with True = masked -> [sq, b, nq, d]. Heads are whatever the caller hands
+    over: the tp rank's, or under Ulysses the cp rank's share of them over the whole sequence.
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type=None, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **unused):
+    def __init__(self, softmax_scale: float, dropout: float, gqa: bool, sequence_parallel: bool):
         super().__init__()
-        self.config = config
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.gqa = config.num_query_groups != config.num_attention_heads
+        self.softmax_scale, self.dropout, self.gqa = softmax_scale, dropout, gqa
+        self.sequence_parallel = sequence_parallel
 
     def _rng(self, dropout: float):
         # Dropout inside the tp region draws from megatron's tp-rank stream (each rank holds other
         # heads). Under sequence parallelism the whole block already runs inside that stream.
-        if dropout == 0.0 or self.config.sequence_parallel:
+        if dropout == 0.0 or self.sequence_parallel:
             return contextlib.nullcontext()
         return tensor_parallel.get_cuda_rng_tracker().fork()
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None, **unused):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention supports neither attention biases nor packed sequences")
-        sq, b, heads, d = query.shape
+    def forward(self, query, key, value, attention_mask=None):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         causal = attention_mask is None
         mask = None if causal else ~attention_mask  # SDPA: True = attend
@@ -106,7 +100,49 @@ class SDPAttention(torch.nn.Module):
         with self._rng(dropout), kernel_priority(q.device):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                  scale=self.softmax_scale, enable_gqa=self.gqa)  # [b, nq, sq, d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+        return out.permute(2, 0, 1, 3)
+
+
+class SDPAttention(torch.nn.Module):
+    """megatron's core-attention interface on torch SDPA, context-parallel with DeepSpeed-Ulysses.
+
+    query [sq, b, nq/tp, d], key/value [sk, b, nkv/tp, d], attention_mask None (causal: training)
+    or bool [b|1, 1, sq, sk] with True = masked (inference: padding, KV cache) -> [sq, b, nq/tp * d].
+
+    When megatron's context-parallel group (`pg_collection.cp`) has cp > 1 ranks, each holds
+    sq = s/cp consecutive positions, already rotated by RoPE at their own positions. DeepSpeed's
+    `DistributedAttention` all-to-alls q, k, v to [s, b, n/(tp*cp), d] (the whole sequence, in cp
+    rank order, for 1/cp of the heads; query head groups stay with their kv head), runs the local
+    attention, and all-to-alls the result back to [s/cp, b, nq/tp, d].
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **unused):
+        super().__init__()
+        self.local = LocalAttention(softmax_scale or 1.0 / math.sqrt(config.kv_channels),
+                                    config.attention_dropout if attention_dropout is None else attention_dropout,
+                                    config.num_query_groups != config.num_attention_heads, config.sequence_parallel)
+        cp_group = getattr(pg_collection, "cp", None)
+        self.ulysses = None
+        if cp_group is not None and cp_group.size() > 1:
+            from deepspeed.sequence.layer import DistributedAttention
+
+            # scatter the heads (dim 2), gather the sequence (dim 0) of [s, b, heads, d]
+            self.ulysses = DistributedAttention(self.local, cp_group, scatter_idx=2, gather_idx=0)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention supports neither attention biases nor packed sequences")
+        sq, b, heads, d = query.shape
+        if self.ulysses is None:
+            out = self.local(query, key, value, attention_mask)
+        elif attention_mask is not None:
+            raise NotImplementedError("context parallelism runs causal attention over whole sequences only "
+                                      "(no padding masks or KV cache): generate with parallel.cp=1")
+        else:
+            out = self.ulysses(query, key, value, 1)  # batch_dim_idx=1: [s, b, heads, d]
+        return out.reshape(sq, b, heads * d)
 
 
 class RMSNorm(torch.nn.Module):

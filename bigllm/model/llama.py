@@ -8,6 +8,9 @@
                                                          embedding table)
     lm_loss    logits, labels [b, s], mask [b, s] -> scalar (vocab_parallel_cross_entropy)
 
+With context parallelism (parallel.cp, DeepSpeed-Ulysses) every tensor above holds this rank's
+s/cp consecutive positions of each sequence, and only attention sees all s (see SDPAttention).
+
 The layers are separate modules so that `bigllm.model.build` can place them on pipeline
 stages (DeepSpeed) or run them in sequence; tensor parallelism lives inside the megatron
 layers. With sequence parallelism (tp > 1) the hidden states between the tp regions are cut
@@ -113,19 +116,32 @@ class Block(torch.nn.Module):
         self.rope = RotaryEmbedding(kv_channels=tcfg.kv_channels, rotary_percent=1.0,
                                     rotary_base=int(rope_theta), use_cpu_initialization=False)
         self.recompute = recompute
+        self._cp_angles: dict = {}
         initialize(self, f"blocks.{layer_number - 1}.", seed, tcfg.init_method_std, tcfg.num_layers)
 
     def _forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
                  inference_context=None) -> torch.Tensor:
         if rotary_pos_emb is None:
-            # Positions 0..s-1 of the whole sequence: under SP this rank holds s/tp of them, but
-            # attention sees all s (the qkv projection all-gathers the sequence).
+            # Under SP this rank holds s/tp positions, but the qkv projection all-gathers the
+            # sequence, so q and k carry all s of them (s/cp of them under context parallelism).
             s = hidden.size(0) * (self.tcfg.tensor_model_parallel_size if self.tcfg.sequence_parallel else 1)
-            rotary_pos_emb = self.rope(s)  # [s, 1, 1, head_dim], cached by megatron per length
+            rotary_pos_emb = self._positions(s)
         with _sequence_parallel_rng(self.tcfg):
             out, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                                 inference_context=inference_context)
         return out
+
+    def _positions(self, s: int) -> torch.Tensor:
+        """RoPE angles [s, 1, 1, head_dim] of this rank's s consecutive positions of the sequence:
+        0..s-1, or with context parallelism cp_rank*s .. cp_rank*s + s-1 (Ulysses keeps each cp
+        rank's slice contiguous; megatron's own cp slicing, `rope(s)`, is the ring-attention zigzag)."""
+        cp = self.rope.cp_group  # megatron's context-parallel group (None before parallel state exists)
+        if cp is None or cp.size() == 1:
+            return self.rope(s)  # cached by megatron per length
+        key = (s, cp.rank())
+        if self._cp_angles.get("key") != key:
+            self._cp_angles = {"key": key, "angles": self.rope.get_emb(s, offset=cp.rank() * s)}
+        return self._cp_angles["angles"]
 
     def forward(self, hidden: torch.Tensor, rotary_pos_emb=None, attention_mask=None,
                 inference_context=None) -> torch.Tensor:
@@ -201,6 +217,18 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor)
     """Mean next-token cross entropy over unmasked positions (the training loss).
 
     logits [s, b, v/tp] (vocab split over tp), labels [b, s] int64, loss_mask [b, s] float.
+
+    With context parallelism this rank holds s/cp of each sequence: its loss is cp x (its NLL sum)
+    / (the cp group's token count). DeepSpeed averages gradients over dp x cp ranks, so the
+    gradient is that of the whole sequences' mean loss, and so is the dp x cp mean of the loss.
     """
+    from megatron.core import parallel_state
+
     mask = loss_mask.t().float()
-    return (token_nll(logits, labels) * mask).sum() / mask.sum().clamp(min=1.0)
+    total, count = (token_nll(logits, labels) * mask).sum(), mask.sum()
+    cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    if cp > 1:
+        count = count.detach().clone()
+        torch.distributed.all_reduce(count, group=parallel_state.get_context_parallel_group())
+        total = total * cp
+    return total / count.clamp(min=1.0)

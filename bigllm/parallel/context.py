@@ -29,6 +29,7 @@ class ParallelContext:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp_rank: int
     device: torch.device
     launch: DistEnv
 
@@ -44,11 +45,11 @@ class ParallelContext:
 def resolve_dims(parallel: ParallelConfig, environ=os.environ) -> tuple[DistEnv, ParallelDims]:
     """Read the launcher's environment and validate the layout, before any process group exists."""
     launch = resolve_dist_env(environ)
-    return launch, ParallelDims.from_world(launch.world_size, parallel.tp, parallel.pp)
+    return launch, ParallelDims.from_world(launch.world_size, parallel.tp, parallel.pp, parallel.cp)
 
 
 def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
-    """Create the default process group and megatron-core's tp/pp/dp groups; seed the RNGs."""
+    """Create the default process group and megatron-core's tp/cp/dp/pp groups; seed the RNGs."""
     cpu_compat.apply()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -72,16 +73,18 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                timeout=timeout, rank=launch.rank, world_size=launch.world_size)
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
+        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp, context_parallel_size=dims.cp,
         distributed_timeout_minutes=parallel.timeout_s / 60, create_gloo_process_groups=False)
     # megatron's tracker: a tp-rank-specific stream for dropout inside tensor-parallel regions.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    pp_rank, dp_rank, tp_rank = dims.coords(launch.rank)
-    assert tp_rank == parallel_state.get_tensor_model_parallel_rank(), "rank order disagrees with megatron"
-    assert pp_rank == parallel_state.get_pipeline_model_parallel_rank(), "rank order disagrees with megatron"
+    pp_rank, dp_rank, cp_rank, tp_rank = dims.coords(launch.rank)
+    assert (tp_rank, cp_rank, dp_rank, pp_rank) == (
+        parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_context_parallel_rank(),
+        parallel_state.get_data_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()), \
+        "rank order disagrees with megatron"
     device = torch.device(accel.device_name(launch.local_rank) if accel.device_name() == "cuda" else "cpu")
     return ParallelContext(dims=dims, rank=launch.rank, local_rank=launch.local_rank, tp_rank=tp_rank,
-                           pp_rank=pp_rank, dp_rank=dp_rank, device=device, launch=launch)
+                           pp_rank=pp_rank, dp_rank=dp_rank, cp_rank=cp_rank, device=device, launch=launch)
 
 
 def seed_dropout(ctx: ParallelContext, seed: int) -> None:
@@ -102,6 +105,8 @@ class MegatronMPU:
 
     DeepSpeed calls the tensor-parallel dimension "model parallel"; megatron's `parallel_state`
     lacks those names, so `deepspeed.initialize(mpu=parallel_state)` fails without this adapter.
+    DeepSpeed's "data parallel" is megatron's data-parallel group with the context-parallel ranks
+    (dp x cp): each cp rank's gradient is its sequence slice's share, summed with its peers'.
     """
 
     def __init__(self):
@@ -119,13 +124,13 @@ class MegatronMPU:
         return self._ps.get_tensor_model_parallel_group()
 
     def get_data_parallel_rank(self):
-        return self._ps.get_data_parallel_rank()
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self):
-        return self._ps.get_data_parallel_world_size()
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
 
     def __getattr__(self, name):
         # tensor/pipeline getters (get_tensor_model_parallel_rank, ...) come straight from megatron.

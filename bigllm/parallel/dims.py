@@ -9,27 +9,40 @@ from bigllm.errors import ConfigError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """tp x pp x dp = world_size. Rank order: tp fastest, then dp, then pp.
+    """tp x cp x dp x pp = world_size. Rank order: tp fastest, then cp, then dp, then pp.
 
-    This is megatron-core's default order ("tp-cp-ep-dp-pp") and DeepSpeed's pipeline topology
-    (axes pipe, data, model), so both libraries' groups hold the same ranks.
+    This is megatron-core's default order ("tp-cp-ep-dp-pp") and, with cp folded into the data
+    axis, DeepSpeed's pipeline topology (axes pipe, data, model), so both libraries' groups hold
+    the same ranks.
+
+    The cp ranks of one dp rank read the same samples and each keeps s/cp of every sequence. For
+    DeepSpeed they are data-parallel ranks (`dp_cp` of them reduce gradients and shard ZeRO
+    state), each with its slice's share of the loss, as in Megatron-LM.
     """
 
     tp: int
     pp: int
     dp: int
     world_size: int
+    cp: int = 1
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int, pp: int) -> "ParallelDims":
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}; "
-                f"launch a multiple of {tp * pp} processes or change tp/pp")
-        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp), world_size=world_size)
+    def from_world(cls, world_size: int, tp: int, pp: int, cp: int = 1) -> "ParallelDims":
+        model = tp * pp * cp
+        if world_size % model:
+            names, sizes = ("parallel.tp * parallel.pp", f"{tp} * {pp}") if cp == 1 else (
+                "parallel.tp * parallel.pp * parallel.cp", f"{tp} * {pp} * {cp}")
+            raise ConfigError(f"world size {world_size} is not divisible by {names} = {sizes} = {model}; launch a "
+                              f"multiple of {model} processes or change {names.replace('parallel.', '')}")
+        return cls(tp=tp, pp=pp, dp=world_size // model, world_size=world_size, cp=cp)
+
+    @property
+    def dp_cp(self) -> int:
+        """The ranks DeepSpeed treats as data-parallel: dp x cp (gradient reduction, ZeRO shards)."""
+        return self.dp * self.cp
 
     def grad_accum_steps(self, global_batch: int, micro_batch: int) -> int:
-        """global = micro x grad_accum x dp, or a ConfigError naming the numbers."""
+        """global = micro x grad_accum x dp, or a ConfigError naming the numbers (cp ranks share samples)."""
         per_step = micro_batch * self.dp
         if global_batch % per_step:
             raise ConfigError(
@@ -37,6 +50,12 @@ class ParallelDims:
                 f"{micro_batch} * {self.dp} = {per_step}; use a global batch that is a multiple of {per_step}")
         return global_batch // per_step
 
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of a global rank."""
-        return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
+    def coords(self, rank: int) -> tuple[int, int, int, int]:
+        """(pp_rank, dp_rank, cp_rank, tp_rank) of a global rank."""
+        tp_rank, rest = rank % self.tp, rank // self.tp
+        cp_rank, rest = rest % self.cp, rest // self.cp
+        return rest // self.dp, rest % self.dp, cp_rank, tp_rank
+
+    def __str__(self) -> str:
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp} ({self.world_size} processes)"

@@ -83,18 +83,16 @@ def make_layout(nodes: int, gpus_per_node: int, procs_per_node: int | None) -> L
 
 
 def check_world(cfg, layout: Layout) -> None:
-    """The layout must fit the config's tp x pp and batch arithmetic (checked before queueing)."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    world = layout.world_size
-    if world % (tp * pp):
-        raise ConfigError(f"{layout.nodes} node(s) x {layout.procs_per_node} process(es) = {world} is not "
-                          f"divisible by parallel.tp*parallel.pp = {tp}*{pp}; change --nodes/--gpus-per-node or the layout")
-    dp = world // (tp * pp)
-    per_step = cfg.train.micro_batch_size * dp
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size*dp = {cfg.train.micro_batch_size}*{dp}; "
-                          f"set train.global_batch_size to a multiple of {per_step}")
+    """The layout must fit the config's tp x pp x cp and batch arithmetic (checked before queueing)."""
+    from bigllm.parallel.dims import ParallelDims
+
+    p = cfg.parallel
+    try:
+        dims = ParallelDims.from_world(layout.world_size, p.tp, p.pp, p.cp)
+    except ConfigError as exc:
+        raise ConfigError(f"{layout.nodes} node(s) x {layout.procs_per_node} process(es): {exc}; "
+                          "or change --nodes/--gpus-per-node") from None
+    dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
 
 
 def check_time(time_s: int | None, signal_lead_s: int) -> None:

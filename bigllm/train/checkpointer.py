@@ -53,7 +53,7 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
         raise CheckpointError(f"train.run_dir {cfg.train.run_dir} holds a checkpoint of another model ({where}): "
                               f"{'; '.join(diffs)}. Use a new train.run_dir, or the config the run was started with "
                               f"({Path(cfg.train.run_dir) / 'config.yaml'})")
-    was, now = meta.layout, Layout(dims.tp, dims.pp, dims.dp, cfg.parallel.zero_stage)
+    was, now = meta.layout, Layout.of(dims, cfg.parallel.zero_stage)
     if was.same_files(now):
         return
     precision = run_config_from_dict(meta.config).train.precision
@@ -85,7 +85,7 @@ class Checkpointer:
 
     def meta(self, step: int, consumed: int) -> CheckpointMeta:
         d = self.ctx.dims
-        return CheckpointMeta(config=to_dict(self.cfg), layout=Layout(d.tp, d.pp, d.dp, self.cfg.parallel.zero_stage),
+        return CheckpointMeta(config=to_dict(self.cfg), layout=Layout.of(d, self.cfg.parallel.zero_stage),
                               step=step, consumed_samples=consumed, vocab_size=self.vocab_size,
                               tokenizer_vocab_size=self.tokenizer_vocab_size,
                               tokenizer=str(Path(self.cfg.data.tokenizer).resolve()),

@@ -58,7 +58,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims) -> dict:
         raise ConfigError("train.precision=bf16 with parallel.pp>1 needs parallel.zero_stage=1 "
                           "(DeepSpeed cannot resume bf16 pipeline checkpoints at stage 0)")
     ds = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed's data-parallel ranks are dp x cp (ParallelDims.dp_cp): for it each cp slice of a
+        # sample is a sample, so its batch is cp x ours (its check: batch = micro x accum x dp x cp).
+        "train_batch_size": t.global_batch_size * dims.cp,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size),
         # DeepSpeed clips to 1.0 unless told otherwise: always say it.
@@ -179,7 +181,8 @@ def describe_runtime(cfg: RunConfig, ctx) -> str:
 
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
-    kernel = sdpa_backend(t.micro_batch_size, m.num_attention_heads // p.tp, m.kv_heads // p.tp, m.seq_length,
+    kernel = sdpa_backend(t.micro_batch_size, m.num_attention_heads // (p.tp * p.cp), m.kv_heads // (p.tp * p.cp),
+                          m.seq_length,
                           m.hidden_size // m.num_attention_heads, dtype, ctx.device, m.dropout)
     if t.precision == "fp32":
         accumulation = "fp32"
@@ -191,6 +194,8 @@ def describe_runtime(cfg: RunConfig, ctx) -> str:
              f"ZeRO-{p.zero_stage}" + (" overlap_comm" if p.zero_stage and p.pp == 1 else "")]
     if p.sequence_parallel:
         parts.append("sequence parallel")
+    if p.cp > 1:
+        parts.append(f"context parallel cp={p.cp} (DeepSpeed-Ulysses all-to-all)")
     if p.tp > 1:
         parts.append(f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')}")
     return " | ".join(parts)

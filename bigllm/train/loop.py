@@ -170,7 +170,7 @@ class Trainer:
     def _data(self):
         """(stream of this rank's micro-batches from the resume position, validator)."""
         from bigllm.data.gpt import build_gpt_datasets
-        from bigllm.data.sampler import micro_batches
+        from bigllm.data.sampler import context_slice, micro_batches
         from bigllm.train.validator import Validator
 
         t, dims = self.cfg.train, self.ctx.dims
@@ -182,7 +182,8 @@ class Trainer:
         batches = micro_batches(train_ds, self.consumed, t.global_batch_size, t.micro_batch_size, self.ctx.dp_rank,
                                 dims.dp, trace=sample_tracer(self.run_dir, self.ctx.rank))
         device = self.ctx.device
-        stream = ({k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches)
+        stream = ({k: v.to(device, non_blocking=True) for k, v in context_slice(b, self.ctx.cp_rank, dims.cp).items()}
+                  for b in batches)
         return stream, Validator(self.engine, valid_ds, t, self.ctx, self.pipeline)
 
     def fit(self) -> int:

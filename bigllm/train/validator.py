@@ -24,14 +24,15 @@ class Validator:
 
     @torch.no_grad()
     def run(self) -> tuple[float, float]:
-        """Mean loss over train.eval_iters micro-batches per dp rank, averaged over dp ranks."""
+        """Mean loss over train.eval_iters micro-batches per dp rank, averaged over dp (x cp) ranks."""
         from megatron.core import parallel_state
 
-        from bigllm.data.sampler import eval_batches
+        from bigllm.data.sampler import context_slice, eval_batches
 
         cfg, ctx = self.cfg, self.ctx
         batches = eval_batches(self.dataset, cfg.eval_iters, cfg.micro_batch_size, ctx.dp_rank, ctx.dims.dp)
-        batches = ({k: v.to(ctx.device) for k, v in b.items()} for b in batches)
+        batches = ({k: v.to(ctx.device) for k, v in context_slice(b, ctx.cp_rank, ctx.dims.cp).items()}
+                   for b in batches)
         self.engine.eval()
         if self.pipeline:
             pipe_iter = ((b["tokens"], (b["labels"], b["loss_mask"])) for b in batches)
@@ -40,6 +41,7 @@ class Validator:
         else:
             loss = torch.stack([self.engine(b["tokens"], b["labels"], b["loss_mask"]).float() for b in batches]).mean()
         self.engine.train()
-        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        loss = float(loss) / ctx.dims.dp
+        # each cp rank's loss is its slices' share x cp (bigllm.model.llama.lm_loss): average over dp x cp
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        loss = float(loss) / ctx.dims.dp_cp
         return loss, math.exp(min(loss, 50.0))
