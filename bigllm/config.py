@@ -214,7 +214,7 @@ class RunConfig:
             raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp}, which "
                               "parallel.sequence_parallel=true needs; use a multiple of tp")
         if p.cp > 1:
-            _check_context_parallel(m, p)
+            check_context_parallel(m, p, m.seq_length)
         if m.num_layers < p.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
                               "pipeline stages; use more layers or fewer stages")
@@ -226,17 +226,19 @@ class RunConfig:
                               f"train.micro_batch_size={self.train.micro_batch_size}")
 
 
-def _check_context_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+def check_context_parallel(m: ModelConfig, p: ParallelConfig, seq_length: int, seq_name: str = "model.seq_length",
+                           cp_name: str = "parallel.cp") -> None:
     """Ulysses gives each cp rank whole heads (of its tp rank's heads) over the whole sequence, and
     each cp rank s/cp of the sequence between the attentions (s/(cp*tp) with sequence parallelism)."""
     heads, kv = m.num_attention_heads // p.tp, m.kv_heads // p.tp
     if heads % p.cp or kv % p.cp:
-        raise ConfigError(f"parallel.cp={p.cp} does not divide the attention heads of a tensor-parallel rank: "
+        raise ConfigError(f"{cp_name}={p.cp} does not divide the attention heads of a tensor-parallel rank: "
                           f"model.num_attention_heads={m.num_attention_heads} / tp={p.tp} = {heads} heads and "
                           f"model.num_kv_heads={m.kv_heads} / tp={p.tp} = {kv} kv-heads; Ulysses gives each cp rank "
                           f"whole heads: choose a cp (or tp) that divides both")
     cut = p.cp * (p.tp if p.sequence_parallel else 1)
-    if m.seq_length % cut:
-        what = f"parallel.cp * parallel.tp = {p.cp} * {p.tp}" if p.sequence_parallel else f"parallel.cp={p.cp}"
-        raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by {what} = {cut} (each rank holds an "
-                          f"equal slice of the sequence); use a seq_length that is a multiple of {cut}")
+    if seq_length % cut:
+        what = (f"{cp_name} * parallel.tp = {p.cp} * {p.tp} = {cut} (sequence parallelism)" if p.sequence_parallel
+                else f"{cp_name}={p.cp}")
+        raise ConfigError(f"{seq_name}={seq_length} is not divisible by {what}: each rank holds an equal slice of "
+                          f"the sequence; use a length that is a multiple of {cut}")

@@ -11,10 +11,13 @@ holds the most micro-batches in flight, the last one the logits), in these parts
                    ZeRO-2/3: this rank's 1/dp partition) plus the model-dtype gradients of a bucket;
                    fp32: the gradients (1/dp of them from ZeRO-2 on); bf16 at ZeRO-0 accumulates in bf16
     optimizer      AdamW's two moments, plus fp32 master weights under bf16/fp16; 1/dp from ZeRO-1 on
+                   (ZeRO shards over dp x cp: context-parallel ranks hold the same weights)
     activations    what backward keeps per layer and token with SDPA attention (no s x s scores):
                    4h (norm inputs/outputs) + (nq + 2 nkv) d + 2h (q, k, v, attention out and proj
                    input) + 4f (SwiGLU) values, the tp-region part / tp, the rest / tp under
-                   sequence parallelism; with recompute only each block's input plus one block
+                   sequence parallelism; with recompute only each block's input plus one block.
+                   Context parallelism divides the tokens per rank by cp (Ulysses's all-to-alls
+                   move q, k, v and the attention output without keeping a second copy)
     logits_loss    [tokens, V/tp] logits in the model dtype and two fp32 copies in the loss
     buffers        ZeRO's gradient buckets (two with overlap_comm)
 
@@ -43,6 +46,7 @@ class Plan:
     pp: int
     dp: int
     zero_stage: int
+    cp: int
     grad_accum: int
     vocab_size: int
     params_total: int
@@ -108,7 +112,7 @@ def _state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
 
 def _stage_activations(cfg: RunConfig, blocks: int, in_flight: int, last: bool, vocab: int) -> dict:
     t, m, p = cfg.train, cfg.model, cfg.parallel
-    tokens = t.micro_batch_size * m.seq_length
+    tokens = t.micro_batch_size * m.seq_length // p.cp  # this rank's slice of the micro-batch
     per_layer = activation_bytes_per_token_layer(cfg) * tokens
     a = _dtype_bytes(t.precision)
     if m.activation_checkpointing:
@@ -130,7 +134,7 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.parallel
-    dims = ParallelDims.from_world(world_size, p.tp, p.pp)
+    dims = ParallelDims.from_world(world_size, p.tp, p.pp, p.cp)
     grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
     vocab = padded_vocab_size(resolve_vocab(cfg), m, p.tp)
     per_stage = structure.params_per_rank(m, vocab, p.tp, p.pp)
@@ -138,7 +142,7 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
     stages = []
     for s in range(p.pp):
         in_flight = min(p.pp - s, grad_accum)  # DeepSpeed's 1F1B schedule
-        parts = {**_state_bytes(cfg, per_stage[s], dims.dp),
+        parts = {**_state_bytes(cfg, per_stage[s], dims.dp_cp),
                  **_stage_activations(cfg, blocks[s], in_flight, s == p.pp - 1, vocab)}
         stages.append({k: v / GB for k, v in parts.items()})
     worst = max(stages, key=lambda parts: sum(parts.values()))
@@ -152,7 +156,7 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
     # Recompute runs each block's forward once more: 2 FLOPs per matmul parameter and 4 L h s of attention.
     recompute = (2.0 * block_params + 4.0 * m.num_layers * m.hidden_size * m.seq_length) * tokens
     recompute = recompute if m.activation_checkpointing else 0.0
-    return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage,
+    return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage, cp=p.cp,
                 grad_accum=grad_accum, vocab_size=vocab, params_total=total,
                 params_per_gpu=max(per_stage), flops_per_step=flops, hardware_flops_per_step=flops + recompute,
                 tokens_per_step=tokens, memory_gb=memory, gpu_memory_gb=gpu_memory_gb,
@@ -171,8 +175,11 @@ def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
     extras = [t.precision, f"ZeRO-{plan.zero_stage}", "recompute" if m.activation_checkpointing else "no recompute"]
     if p.sequence_parallel:
         extras.append("sequence parallel")
+    cp = f" cp={plan.cp}" if plan.cp > 1 else ""
+    if plan.cp > 1:
+        extras.append(f"context parallel: each GPU holds {m.seq_length // plan.cp} of the {m.seq_length} positions")
     lines = [f"bigllm plan: {where}",
-             f"  layout      tp={plan.tp} pp={plan.pp} dp={plan.dp} on {plan.world_size} GPUs ({', '.join(extras)})",
+             f"  layout      tp={plan.tp} pp={plan.pp}{cp} dp={plan.dp} on {plan.world_size} GPUs ({', '.join(extras)})",
              f"  batch       {t.micro_batch_size} x {plan.grad_accum} grad-accum x {plan.dp} dp = "
              f"{t.global_batch_size} sequences of {m.seq_length} = {plan.tokens_per_step:,} tokens per step",
              f"  parameters  {plan.params_total:,} total ({_human(plan.params_total)}), {plan.params_per_gpu:,} "
@@ -197,6 +204,8 @@ def not_fitting_advice(plan: Plan, cfg: RunConfig) -> str:
         tips.append("a higher parallel.zero_stage")
     if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
         tips.append("parallel.sequence_parallel=true")
+    if cfg.model.seq_length >= 8192:
+        tips.append("a larger parallel.cp (context parallelism, for long sequences)")
     tips.append("a smaller train.micro_batch_size")
     return (f"the plan needs {plan.memory_gb['total']:.1f} GB per GPU, more than {HEADROOM:.0%} of "
             f"{plan.gpu_memory_gb:g} GB; try {', '.join(tips)} (see `bigllm plan`), or --force")

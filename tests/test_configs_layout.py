@@ -17,16 +17,18 @@ from train_utils import ROOT
 
 # config -> (world size it targets, expected parameter count in millions at a 32k vocabulary)
 TARGETS = {"tiny.yaml": (4, 9), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
-           "llama-7b.yaml": (32, 6738)}
+           "llama-1b-32k.yaml": (8, 1100), "llama-7b.yaml": (32, 6738)}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_config_fits_its_cluster(name):
     cfg = load_config(RunConfig, ROOT / "configs" / name)
     world, millions = TARGETS[name]
-    dims = ParallelDims.from_world(world, cfg.parallel.tp, cfg.parallel.pp)
+    dims = ParallelDims.from_world(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     ds = deepspeed_config(cfg, dims)
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dims.dp
+    # DeepSpeed's data-parallel ranks are dp x cp; for it a cp slice of a sequence is a sample
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * \
+        dims.dp * dims.cp == cfg.train.global_batch_size * dims.cp
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["zero_optimization"]["stage"] == cfg.parallel.zero_stage
     assert math.isclose(count_params(cfg.model, 32000) / 1e6, millions, rel_tol=0.01)

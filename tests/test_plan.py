@@ -10,7 +10,7 @@ import pytest
 
 from train_utils import ROOT, bigllm_cli
 
-TARGETS = {"llama-125m.yaml": (1, 8), "llama-1b.yaml": (1, 8), "llama-7b.yaml": (4, 8)}
+TARGETS = {"llama-125m.yaml": (1, 8), "llama-1b.yaml": (1, 8), "llama-1b-32k.yaml": (1, 8), "llama-7b.yaml": (4, 8)}
 
 
 def bigllm(*args) -> subprocess.CompletedProcess:
@@ -68,6 +68,26 @@ def test_memory_model_responds_to_the_knobs():
     assert sp < memory("parallel.tp=2")["activations"]
 
 
+def test_context_parallel_divides_the_activations_and_the_32k_config_needs_it():
+    """parallel.cp divides the tokens each GPU holds (activations and logits) by cp; ZeRO shards over
+    dp x cp. configs/llama-1b-32k.yaml fits one 8-GPU node at its cp=4, and would not at cp=1 with
+    the micro-batch of 2 sequences that cp=4 leaves room for."""
+    base = [ROOT / "configs" / "llama-1b-32k.yaml", "model.vocab_size=32000"]
+    where = ["--nodes", 1, "--gpus-per-node", 8]
+    cp4, cp2, cp1 = (plan_json(*base, f"parallel.cp={cp}", *where) for cp in (4, 2, 1))
+    assert (cp4["cp"], cp4["dp"]) == (4, 2) and cp4["fits"]
+    for key in ("activations", "logits_loss"):
+        assert cp1["memory_gb"][key] == pytest.approx(4 * cp4["memory_gb"][key], rel=0.01)
+        assert cp1["memory_gb"][key] == pytest.approx(2 * cp2["memory_gb"][key], rel=0.01)
+    # ZeRO shards over dp x cp = 8 GPUs in both (dp=8 or cp=4 x dp=2), not over dp=2 alone
+    assert cp4["memory_gb"]["optimizer"] == cp1["memory_gb"]["optimizer"]
+    assert cp4["tokens_per_step"] == cp1["tokens_per_step"] == 32 * 32768
+    assert plan_json(*base, "train.micro_batch_size=2", *where)["fits"]
+    assert not plan_json(*base, "train.micro_batch_size=2", "parallel.cp=1", *where)["fits"]
+    text = bigllm("plan", *base, *where).stdout
+    assert "tp=1 pp=1 cp=4 dp=2 on 8 GPUs" in text and "8192 of the 32768 positions" in text
+
+
 def test_not_fitting_and_errors_are_one_line():
     big = plan_json(ROOT / "configs" / "llama-7b.yaml", "model.vocab_size=32000", "parallel.tp=1",
                     "parallel.pp=1", "parallel.sequence_parallel=false", "--nodes", 1, "--gpus-per-node", 8)
@@ -79,6 +99,10 @@ def test_not_fitting_and_errors_are_one_line():
          "not divisible"),
         (["plan", ROOT / "configs" / "llama-1b.yaml", "model.vocab_size=32000", "--nodes", 0, "--gpus-per-node", 8],
          "--nodes"),
+        (["plan", ROOT / "configs" / "llama-1b-32k.yaml", "model.vocab_size=32000", "parallel.cp=8", "--nodes", 1,
+          "--gpus-per-node", 8], "parallel.cp=8 does not divide the attention heads"),
+        (["plan", ROOT / "configs" / "llama-1b-32k.yaml", "model.vocab_size=32000", "model.seq_length=32766",
+          "--nodes", 1, "--gpus-per-node", 8], "model.seq_length=32766 is not divisible by parallel.cp=4"),
     ]
     for argv, text in cases:
         proc = bigllm(*argv)

@@ -36,6 +36,17 @@ def _world(monkeypatch, n):
     (2, {"parallel.pp": 2, "parallel.zero_stage": 2}, r"zero_stage=2 cannot be combined with parallel.pp=2"),
     (1, {"model.vocab_size": 100}, r"has \d+ tokens but model.vocab_size=100"),
     (2, {"parallel.pp": 2, "parallel.zero_stage": 0, "train.precision": "bf16"}, r"needs parallel.zero_stage=1"),
+    (6, {"parallel.cp": 4, "model.num_kv_heads": 4}, r"world size 6 is not divisible by parallel.tp \* parallel.pp \* parallel.cp = "
+                            r"1 \* 1 \* 4 = 4; launch a multiple of 4 processes"),
+    (4, {"parallel.tp": 2, "parallel.cp": 2},  # tiny: 2 kv heads, 1 per tp rank
+     r"parallel.cp=2 does not divide the attention heads of a tensor-parallel rank: .* = 2 heads and "
+     r"model.num_kv_heads=2 / tp=2 = 1 kv-heads"),
+    (2, {"parallel.cp": 2, "model.seq_length": 127}, r"model.seq_length=127 is not divisible by parallel.cp=2"),
+    (4, {"parallel.cp": 2, "parallel.tp": 2, "model.num_kv_heads": 4, "parallel.sequence_parallel": "true",
+         "model.seq_length": 130},
+     r"model.seq_length=130 is not divisible by parallel.cp \* parallel.tp = 2 \* 2 = 4 \(sequence parallelism\)"),
+    (4, {"parallel.cp": 2, "train.global_batch_size": 12}, r"train.micro_batch_size \* dp = 4 \* 2 = 8"),
+    (2, {"parallel.cp": 0}, r"parallel.cp must be >= 1"),
 ])
 def test_bad_layouts_and_batches(world, extra, match, monkeypatch, tokenizer_dir, shard_prefix, tmp_path):
     _world(monkeypatch, world)

@@ -1,9 +1,10 @@
 """Numerical parity of the training spine across layouts, with real gloo processes.
 
 fp32, dropout 0, the tiny config for 6 steps (2 of warm-up, 4 into the cosine decay): TP=2,
-PP=2, TP=2 x PP=2, sequence parallelism, and DP=2 with ZeRO 0-3 must give the single-process
+PP=2, TP=2 x PP=2, sequence parallelism, context parallelism (CP=2, CP=2 x PP=2, TP=2 x CP=2
+with and without sequence parallelism) and DP=2 with ZeRO 0-3 must give the single-process
 (TP=1, PP=1) losses and gradient norms to 1e-5; a run stopped and resumed from its checkpoint
-must continue with the uninterrupted run's. The single-process run itself must equal the golden
+(also across cp = 2 -> 1 -> 2) must continue with the uninterrupted run's. The single-process run itself must equal the golden
 file, which only `tools/update_golden.py` writes (after a deliberate numerical change).
 
 The gradient norm is compared (to 1e-4 of it) because the losses alone can hide a wrong reduction: clipping
@@ -57,7 +58,8 @@ def test_loss_falls_and_matches_golden(reference):
     (2, {"parallel.tp": 2}), (2, {"parallel.pp": 2}), (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}),
     (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
     (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1, "parallel.sequence_parallel": "true"}),
-], ids=["tp2", "pp2", "tp2xpp2", "tp2-sp", "tp2xpp2-sp"])
+    (2, {"parallel.cp": 2}), (4, {"parallel.cp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}),
+], ids=["tp2", "pp2", "tp2xpp2", "tp2-sp", "tp2xpp2-sp", "cp2", "cp2xpp2"])
 def test_model_parallel_matches_single_process(nproc, extra, reference, tokenizer_dir, shard_prefix, tmp_path):
     proc = run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **extra))
     _assert_same(parity_record(tmp_path), reference)
@@ -66,6 +68,47 @@ def test_model_parallel_matches_single_process(nproc, extra, reference, tokenize
     if extra.get("parallel.tp", 1) > 1:  # set by bigllm for tp > 1 before the CUDA context exists
         assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in runtime
     assert ("sequence parallel" in runtime) == ("parallel.sequence_parallel" in extra)
+    assert ("context parallel cp=2" in runtime) == ("parallel.cp" in extra)
+
+
+@pytest.fixture(scope="module")
+def reference_kv4(tokenizer_dir, shard_prefix, tmp_path_factory):
+    """The single-process run of the tiny model with 4 kv heads (no GQA): at tp=2 x cp=2 each
+    rank then holds 1 of them (tiny's 2 kv heads leave 1 per tp rank, which cp=2 cannot split)."""
+    run_dir = tmp_path_factory.mktemp("ref_kv4")
+    run_ok(1, base_overrides(tokenizer_dir, shard_prefix, run_dir, **PARITY, **{"model.num_kv_heads": 4}))
+    return parity_record(run_dir)
+
+
+@pytest.mark.parametrize("extra", [
+    {"parallel.zero_stage": 0}, {"parallel.sequence_parallel": "true", "parallel.zero_stage": 2},
+], ids=["tp2xcp2", "tp2-sp-xcp2-zero2"])
+def test_tensor_and_context_parallel_match_single_process(extra, reference_kv4, tokenizer_dir, shard_prefix,
+                                                          tmp_path):
+    run_ok(4, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **{
+        "model.num_kv_heads": 4, "parallel.tp": 2, "parallel.cp": 2, **extra}))
+    _assert_same(parity_record(tmp_path), reference_kv4)
+
+
+def test_context_parallel_resume_across_cp_sizes(reference, tokenizer_dir, shard_prefix, tmp_path):
+    """One run dir: steps 1-2 at cp=2, step 3 at cp=2 again (DeepSpeed's own loader), steps 4-5 at
+    cp=1 (one process; resharded: ZeRO-1 state cut in 2 then 1 partitions), step 6 at cp=2: the
+    uninterrupted single-process losses. cp shards no weights, so the checkpoints move freely."""
+    def launch(nproc, exit_interval, **extra):
+        overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **{
+            "parallel.zero_stage": 1, "train.exit_interval": exit_interval, **extra})
+        return torchrun(nproc, overrides) if exit_interval else run_ok(nproc, overrides)
+
+    assert launch(2, 2, **{"parallel.cp": 2}).returncode != 0  # exit 3: saved, requeue
+    same = launch(2, 1, **{"parallel.cp": 2})
+    assert "resumed from" in same.stdout and "resharded" not in same.stdout
+    one = launch(1, 2)
+    assert "resharded from tp=1 pp=1 cp=2 dp=1 ZeRO-1 to tp=1 pp=1 dp=1 ZeRO-1" in one.stdout, one.stdout[-2000:]
+    back = launch(2, 0, **{"parallel.cp": 2})
+    assert "resharded from tp=1 pp=1 dp=1 ZeRO-1 to tp=1 pp=1 cp=2 dp=1 ZeRO-1" in back.stdout
+    meta = json.loads((tmp_path / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1, "cp": 2}
+    _assert_same(parity_record(tmp_path), reference)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])

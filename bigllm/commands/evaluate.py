@@ -38,6 +38,9 @@ def _register_perplexity(inner) -> None:
     p.add_argument("--seq-len", type=int, help="window length (default: the model's seq_length)")
     p.add_argument("--stride", type=int, help="window step (default: seq-len / 2)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="under torchrun: context-parallel ranks per window (DeepSpeed-Ulysses), for long "
+                   "--seq-len; the world is the checkpoint's tp x pp x N x dp (default 1)")
     p.add_argument("--output", metavar="REPORT.json", help="write the JSON report here")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log eval/ppl, eval/loss, eval/bits_per_byte to RUN_DIR/tensorboard at the checkpoint's step")

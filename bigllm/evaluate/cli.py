@@ -81,6 +81,9 @@ def perplexity_main(args) -> int:
 
     if launched_with_several_processes():
         return _parallel_perplexity_main(args)
+    if args.cp != 1:
+        raise BigLLMError(f"--cp {args.cp} cuts each window over processes: launch with torchrun "
+                          f"--nproc-per-node {args.cp} (times the checkpoint's tp x pp)")
     from bigllm.evaluate.loading import load_lm
     from bigllm.evaluate.perplexity import load_stream, perplexity
 
@@ -101,7 +104,7 @@ def _parallel_perplexity_main(args) -> int:
     from bigllm.evaluate.perplexity import load_stream
     from bigllm.parallel.context import destroy_parallel
 
-    lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
+    lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer, cp=args.cp, seq_len=args.seq_len)
     try:
         stream = load_stream(args.data, lm.tokenizer, args.json_key)
         seq_len = args.seq_len or lm.cfg.model.seq_length
@@ -110,7 +113,7 @@ def _parallel_perplexity_main(args) -> int:
         if lead:
             d = lm.ctx.dims
             _say(f"{stream.num_documents} documents, {len(stream.tokens)} tokens; windows of {seq_len} every "
-                 f"{stride}; tp={d.tp} pp={d.pp} dp={d.dp}")
+                 f"{stride}; {d}")
         t0 = time.perf_counter()
         result = parallel_nll(lm, stream, seq_len, stride, args.batch_size, progress=not args.quiet)
         if lead:
@@ -200,7 +203,7 @@ def harness_main(args) -> int:
     if parallel:
         from bigllm.evaluate.parallel import load_sharded
 
-        lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
+        lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer, cp=args.cp, seq_len=args.seq_len)
         lead = lm.ctx.rank == 0
     else:
         from bigllm.evaluate.loading import load_lm

@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 4 -m bigllm evaluate perplexity --checkpoint runs/tiny --data heldout.jsonl
 
-The world is tp x pp x dp with the checkpoint's tp and pp (dp = world / (tp * pp)). Every rank
+The world is tp x pp x cp x dp with the checkpoint's tp and pp (dp = world / (tp * pp * cp); cp = 1
+unless --cp cuts each window over cp ranks, DeepSpeed-Ulysses as in training). Every rank
 builds its part of the model exactly as training does (bigllm.model.build), and DeepSpeed's engine
 loads its own shard of the checkpoint (module weights only), so no process ever holds the whole
 model. The windows and their scoring are those of the one-process path
@@ -63,8 +64,10 @@ class ShardedLM:
         return self.ctx.dims.pp > 1
 
 
-def _eval_run_config(ckpt):
+def _eval_run_config(ckpt, cp: int = 1, seq_len: int | None = None):
     import copy
+
+    from bigllm.config import check_context_parallel
 
     cfg = copy.deepcopy(ckpt.cfg)
     if ckpt.zero_stage == 3:
@@ -73,12 +76,20 @@ def _eval_run_config(ckpt):
                               "or run 'bigllm convert consolidate' first")
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = ckpt.tp, ckpt.pp, 0
     cfg.parallel.sequence_parallel = False  # windows of any length; the weights are the same
+    cfg.parallel.cp = cp
+    if cp < 1:
+        raise CheckpointError(f"--cp must be >= 1, got {cp}")
+    if cp > 1:
+        check_context_parallel(cfg.model, cfg.parallel, seq_len or cfg.model.seq_length,
+                               seq_name="--seq-len", cp_name="--cp")
     cfg.train.precision = "fp32"
     return cfg
 
 
-def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> ShardedLM:
-    """Initialise tp x pp x dp groups for the checkpoint's layout and load this rank's shard."""
+def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, cp: int = 1,
+                 seq_len: int | None = None) -> ShardedLM:
+    """Initialise tp x pp x cp x dp groups for the checkpoint's tp and pp and load this rank's shard
+    (cp > 1: each window is cut over cp ranks, whose heads and `seq_len` it must divide)."""
     import deepspeed
 
     from bigllm.checkpoint import Checkpoint, engine_io, files, open_checkpoint
@@ -93,11 +104,11 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> Sh
     tok_path = tokenizer or ckpt.tokenizer_path
     tok = load_tokenizer(tok_path, ckpt.tag_dir)
     scored = check_vocabularies(tok, ckpt, tok_path)
-    cfg = _eval_run_config(ckpt)
+    cfg = _eval_run_config(ckpt, cp, seq_len)
     ctx = init_parallel(cfg.parallel, cfg.train.seed)
     model = build_model(cfg.model, ckpt.vocab_size, ctx.dims, "fp32", cfg.train.seed)
     ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-                 "train_batch_size": batch_size * ctx.dims.dp, "steps_per_print": 2**31 - 1,
+                 "train_batch_size": batch_size * ctx.dims.dp_cp, "steps_per_print": 2**31 - 1,
                  "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                       mpu=None if ctx.dims.pp > 1 else MegatronMPU())
@@ -105,7 +116,8 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None) -> Sh
     engine_io.load(engine, ckpt.tag_dir, ctx.rank, module_only=True)
     engine.eval()
     info = describe(ckpt, tok_path, tok, scored)
-    info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp, "processes": ctx.dims.world_size}
+    info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "cp": ctx.dims.cp, "dp": ctx.dims.dp,
+                            "processes": ctx.dims.world_size}
     return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=scored, info=info)
 
 
@@ -181,14 +193,18 @@ def parallel_nll(lm: ShardedLM, stream, seq_len: int, stride: int, batch_size: i
     mine = my_batches(spans, batch_size, lm.ctx.dims.dp, lm.ctx.dp_rank)
 
     def make(batch):
-        return _fixed_batch(stream.tokens, batch, batch_size, seq_len, lm.tokenizer.pad)
+        from bigllm.data.sampler import context_slice
+
+        inputs, targets, mask = _fixed_batch(stream.tokens, batch, batch_size, seq_len, lm.tokenizer.pad)
+        mine = context_slice({"i": inputs, "t": targets, "m": mask}, lm.ctx.cp_rank, lm.ctx.dims.cp)
+        return mine["i"], mine["t"], mine["m"]
 
     bar = tqdm(total=sum(w.end - w.first_scored for w in spans), unit="tok", desc="perplexity",
                disable=not progress or lm.ctx.rank != 0)
     sums = run_batches(lm, mine, make, lambda logits, t, m: masked_nll_sum(logits, t, m, lm.real_vocab), (2,),
                        on_batch=lambda part: bar.update(int(part[1])))
     total = sums.sum(0) if len(sums) else torch.zeros(2, dtype=torch.float64, device=lm.ctx.device)
-    # the bar shows rank 0's share; the sum over dp ranks is the whole stream
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # the bar shows rank 0's share; the sum over dp (x cp: each holds a slice of its windows) is the whole stream
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     bar.close()
     return PerplexityResult.from_sums(float(total[0]), int(total[1]), stream.num_bytes, len(spans))
