@@ -162,25 +162,27 @@ def test_bad_input_is_one_line(args, needle, tiny, tmp_path, capsys):
 
 
 # ----- several processes, the checkpoint's own layout ---------------------------------------
-def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path):
+def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path, *extra):
     from train_utils import launch
 
     return launch(nproc, ["evaluate", "perplexity", "--checkpoint", checkpoint, "--data", data, "--seq-len", 48,
-                          "--stride", 24, "--batch-size", 4, "--output", report, "--quiet"])
+                          "--stride", 24, "--batch-size", 4, "--output", report, "--quiet", *extra])
 
 
 def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):
-    """TP2xPP2 (4 processes, DeepSpeed's pipeline engine) and TP2 x DP2 (a resharded copy, 4 processes)
+    """TP2xPP2 (4 processes, DeepSpeed's pipeline engine) and, on a resharded TP1 copy, CP2 x DP2
+    (4 processes: each window cut over 2 context-parallel ranks, DeepSpeed-Ulysses attention)
     give the one-process perplexity."""
     from bigllm.convert.reshard import reshard
     from bigllm.evaluate.perplexity import load_stream, perplexity
 
     stream = load_stream([str(tiny["heldout"])], lm.tokenizer)
     one = perplexity(lm, stream, 48, 24, batch_size=4, progress=False)
-    tp2 = reshard(tiny["run"], 2, 1, tmp_path / "tp2", reset_optimizer=True)
-    for checkpoint, layout in ((tiny["run"], {"tp": 2, "pp": 2, "dp": 1}), (tp2, {"tp": 2, "pp": 1, "dp": 2})):
+    tp1 = reshard(tiny["run"], 1, 1, tmp_path / "tp1", reset_optimizer=True)
+    for checkpoint, layout, extra in ((tiny["run"], {"tp": 2, "pp": 2, "cp": 1, "dp": 1}, ()),
+                                      (tp1, {"tp": 1, "pp": 1, "cp": 2, "dp": 2}, ("--cp", 2))):
         report = tmp_path / f"ppl-{layout['pp']}.json"
-        proc = _torchrun_perplexity(4, checkpoint, tiny["heldout"], report)
+        proc = _torchrun_perplexity(4, checkpoint, tiny["heldout"], report, *extra)
         assert proc.returncode == 0, proc.stderr[-4000:]
         rep = json.loads(report.read_text())
         assert {k: rep["checkpoint"]["evaluated_in"][k] for k in layout} == layout
@@ -195,6 +197,10 @@ def test_several_processes_that_do_not_fit_the_layout_fail_in_one_line(tiny, tmp
     errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
     assert errors and "not divisible by parallel.tp * parallel.pp = 2 * 2 = 4" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "r.json").exists()
+    # --cp must give each rank whole heads (tiny at tp=2: 1 kv head per rank), checked before any process group
+    proc = _torchrun_perplexity(2, tiny["run"], tiny["heldout"], tmp_path / "r.json", "--cp", 2)
+    errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
+    assert errors and "--cp=2 does not divide the attention heads" in errors[0], proc.stderr[-3000:]
 
 
 def test_hf_dir_without_sentencepiece_file_uses_its_transformers_tokenizer(lm, tiny, tmp_path):
