@@ -76,7 +76,7 @@ def test_cli_prints_the_table_and_writes_the_report(exported, tmp_path, monkeypa
     assert "|bigllm_mc" in proc.stdout and "acc" in proc.stdout, proc.stdout
     rep = json.loads(report.read_text())
     assert set(rep["results"]) == {"bigllm_mc", "bigllm_text"}
-    assert rep["checkpoint"]["step"] == 12 and rep["checkpoint"]["layout"] == {"tp": 2, "pp": 2, "dp": 1,
+    assert rep["checkpoint"]["step"] == 12 and rep["checkpoint"]["layout"] == {"tp": 2, "pp": 2, "dp": 1, "cp": 1,
                                                                                "zero_stage": 1}
     assert rep["lm_eval_version"] and rep["limit"] == 8
 

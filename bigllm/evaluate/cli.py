@@ -203,7 +203,7 @@ def harness_main(args) -> int:
     if parallel:
         from bigllm.evaluate.parallel import load_sharded
 
-        lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer, cp=args.cp, seq_len=args.seq_len)
+        lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
         lead = lm.ctx.rank == 0
     else:
         from bigllm.evaluate.loading import load_lm
