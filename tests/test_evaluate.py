@@ -197,10 +197,24 @@ def test_several_processes_that_do_not_fit_the_layout_fail_in_one_line(tiny, tmp
     errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
     assert errors and "not divisible by parallel.tp * parallel.pp = 2 * 2 = 4" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "r.json").exists()
-    # --cp must give each rank whole heads (tiny at tp=2: 1 kv head per rank), checked before any process group
-    proc = _torchrun_perplexity(2, tiny["run"], tiny["heldout"], tmp_path / "r.json", "--cp", 2)
-    errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
-    assert errors and "--cp=2 does not divide the attention heads" in errors[0], proc.stderr[-3000:]
+
+
+
+def test_a_cp_that_splits_heads_or_windows_is_refused_before_any_process_group(tiny):
+    """--cp must give each rank whole heads (tiny at tp=2: 1 kv head per rank) and equal window slices."""
+    from bigllm.checkpoint import open_checkpoint
+    from bigllm.errors import ConfigError
+    from bigllm.evaluate.parallel import _eval_run_config
+
+    ckpt = open_checkpoint(str(tiny["run"]), warn=lambda message: None)
+    with pytest.raises(ConfigError, match=r"--cp=2 does not divide the attention heads of a tensor-parallel rank"):
+        _eval_run_config(ckpt, cp=2)
+    from types import SimpleNamespace
+
+    ckpt = SimpleNamespace(cfg=ckpt.cfg, zero_stage=ckpt.zero_stage, tp=1, pp=1)  # a tp=1 copy's: windows decide
+    with pytest.raises(ConfigError, match=r"--seq-len=47 is not divisible by --cp=2"):
+        _eval_run_config(ckpt, cp=2, seq_len=47)
+    assert _eval_run_config(ckpt, cp=2, seq_len=48).parallel.cp == 2
 
 
 def test_hf_dir_without_sentencepiece_file_uses_its_transformers_tokenizer(lm, tiny, tmp_path):

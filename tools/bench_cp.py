@@ -57,7 +57,7 @@ def train(tok: Path, prefix: Path, run_dir: Path, seq: int, cp: int, steps: int)
     steps_after_first = [r for r in records if r["step"] > 1 and "train/tokens_per_s" in r]
     return {"seq": seq, "cp": cp, "dp": NPROC // cp,
             "tokens_per_s": sum(r["train/tokens_per_s"] for r in steps_after_first) / len(steps_after_first),
-            "peak_rss_gb": max(r["train/memory_gb"] for r in records)}
+            "peak_rss_gb": max(r["train/memory_gb"] for r in records if "train/memory_gb" in r)}
 
 
 def main(argv=None) -> int:
