@@ -4,21 +4,23 @@
     bigllm preprocess --input corpus.jsonl --tokenizer tok/ --output-prefix data/corpus
     bigllm train configs/tiny.yaml train.max_steps=20 parallel.tp=2
 
-Each subcommand lives in `bigllm/commands/<name>.py` with `register(subparsers)` (argparse
-only) and a handler that imports the heavy libraries lazily, so `bigllm --help` stays fast.
+Each subcommand lives in `bigllm/commands/<name>.py` with `register(subparsers)` (argparse) and
+handlers that import the code they run in their bodies, so `bigllm --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from bigllm import __version__, console
+from bigllm.commands import convert, evaluate, generate, plan, preprocess, slurm, tokenizer, train
 from bigllm.errors import BigLLMError
 
-COMMANDS = ("tokenizer", "preprocess", "train", "plan", "evaluate", "generate", "convert", "slurm")
+# name -> the module that registers it, in the order `bigllm --help` lists them.
+COMMANDS = {"tokenizer": tokenizer, "preprocess": preprocess, "train": train, "plan": plan, "evaluate": evaluate,
+            "generate": generate, "convert": convert, "slurm": slurm}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -34,9 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="show third-party warnings and notices too (the same as BIGLLM_LOG=debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
-    for name in COMMANDS:
-        module = importlib.import_module(f"bigllm.commands.{name}")
-        module.register(sub)
+    for command in COMMANDS.values():
+        command.register(sub)
     return parser
 
 

@@ -23,6 +23,9 @@ class ModelConfig:
     num_attention_heads: int = 4
     # Grouped-query attention: key/value heads; null means = num_attention_heads (plain MHA).
     num_kv_heads: Optional[int] = None
+    # Size of each attention head; null means hidden_size / num_attention_heads. Qwen3, Gemma and
+    # others use heads whose total (heads x head_dim) is not the hidden size.
+    head_dim: Optional[int] = None
     # SwiGLU inner size; null means Llama's rule: 2/3 * 4h rounded up to a multiple of 64.
     ffn_hidden_size: Optional[int] = None
     seq_length: int = 128
@@ -44,15 +47,23 @@ class ModelConfig:
         return self.num_kv_heads or self.num_attention_heads
 
     @property
+    def head_size(self) -> int:
+        """The attention head size d: head_dim, or hidden / heads (the one place this is derived)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
     def ffn_size(self) -> int:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
         return 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
 
     def validate(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                              f"model.num_attention_heads={self.num_attention_heads}")
+                              f"model.num_attention_heads={self.num_attention_heads}; set model.head_dim "
+                              "for heads of another size")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(f"model.head_dim must be positive (or null for hidden / heads), got {self.head_dim}")
         if self.num_attention_heads % self.kv_heads:
             raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                               f"model.num_kv_heads={self.kv_heads}")
@@ -221,9 +232,6 @@ class RunConfig:
         if self.train.nan_policy == "skip" and p.pp > 1:
             raise ConfigError("train.nan_policy=skip needs parallel.pp=1 (DeepSpeed's pipeline engine applies the "
                               "whole step at once); use train.nan_policy=stop with pipeline parallelism")
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
-                              f"train.micro_batch_size={self.train.micro_batch_size}")
 
 
 def check_context_parallel(m: ModelConfig, p: ParallelConfig, seq_length: int, seq_name: str = "model.seq_length",

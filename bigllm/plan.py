@@ -62,17 +62,14 @@ class Plan:
         return json.dumps(asdict(self), indent=2)
 
 
-def resolve_vocab(cfg: RunConfig) -> int:
-    """The model's vocabulary before padding: model.vocab_size, else the tokenizer's."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
+def tokenizer_vocab(cfg: RunConfig) -> int | None:
+    """The size of data.tokenizer when it holds a tokenizer (a plan needs no data otherwise)."""
     tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     if tok is not None and (tok / "tokenizer.model").is_file():
         from bigllm.tokenizer import Tokenizer
 
         return Tokenizer.load(tok).vocab_size
-    raise ConfigError(f"the vocabulary size is unknown: model.vocab_size is not set and data.tokenizer "
-                      f"'{cfg.data.tokenizer}' holds no tokenizer.model; pass model.vocab_size=N (e.g. 32000)")
+    return None
 
 
 def _dtype_bytes(precision: str) -> int:
@@ -83,7 +80,7 @@ def activation_bytes_per_token_layer(cfg: RunConfig) -> float:
     """Bytes one block keeps for backward per token (the module docstring's sum), on one tp rank."""
     m, p = cfg.model, cfg.parallel
     tp, a = p.tp, _dtype_bytes(cfg.train.precision)
-    d = m.hidden_size // m.num_attention_heads
+    d = m.head_size
     outside_tp = 4 * m.hidden_size + (2 * m.hidden_size if m.dropout > 0 else 0)
     inside_tp = (m.num_attention_heads + 2 * m.kv_heads) * d + 2 * m.hidden_size + 4 * m.ffn_size
     lse = 4 * m.num_attention_heads / tp  # fp32 log-sum-exp per head
@@ -92,7 +89,7 @@ def activation_bytes_per_token_layer(cfg: RunConfig) -> float:
 
 def _state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
     """weights, gradients, optimizer and buffer bytes of a rank holding `params` parameters."""
-    from bigllm.train.engine import BUCKET_ELEMENTS
+    from bigllm.parallel.ds_config import BUCKET_ELEMENTS
 
     zero, a = cfg.parallel.zero_stage, _dtype_bytes(cfg.train.precision)
     mixed = cfg.train.precision != "fp32"
@@ -127,17 +124,15 @@ def _stage_activations(cfg: RunConfig, blocks: int, in_flight: int, last: bool, 
 def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
     """The plan of `cfg` on `world_size` GPUs of `gpu_memory_gb` each (raises ConfigError on a
     layout that cannot run)."""
-    from bigllm.model import structure
-    from bigllm.model.structure import padded_vocab_size
+    from bigllm.model import sizes, structure
     from bigllm.parallel.dims import ParallelDims
-    from bigllm.train.metrics import flops_per_token
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.parallel
     dims = ParallelDims.from_world(world_size, p.tp, p.pp, p.cp)
     grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
-    vocab = padded_vocab_size(resolve_vocab(cfg), m, p.tp)
-    per_stage = structure.params_per_rank(m, vocab, p.tp, p.pp)
+    vocab = sizes.resolve_vocab(m, tokenizer_vocab(cfg), p.tp, tokenizer=f"data.tokenizer '{cfg.data.tokenizer}'").padded
+    per_stage = sizes.params_per_rank(m, vocab, p.tp, p.pp)
     blocks = structure.blocks_per_stage(m, p.pp)
     stages = []
     for s in range(p.pp):
@@ -150,12 +145,9 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
     memory = {k: round(worst[k], 3) for k in order}
     memory["total"] = round(sum(worst.values()), 3)
     tokens = t.global_batch_size * m.seq_length
-    flops = flops_per_token(m, vocab) * tokens
-    total = structure.count_params(m, vocab)
-    block_params = total - vocab * m.hidden_size * (1 if m.tie_embeddings else 2) - m.hidden_size
-    # Recompute runs each block's forward once more: 2 FLOPs per matmul parameter and 4 L h s of attention.
-    recompute = (2.0 * block_params + 4.0 * m.num_layers * m.hidden_size * m.seq_length) * tokens
-    recompute = recompute if m.activation_checkpointing else 0.0
+    flops = sizes.flops_per_token(m, vocab) * tokens
+    total = sizes.count_params(m, vocab)
+    recompute = sizes.recompute_flops_per_token(m) * tokens
     return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage, cp=p.cp,
                 grad_accum=grad_accum, vocab_size=vocab, params_total=total,
                 params_per_gpu=max(per_stage), flops_per_step=flops, hardware_flops_per_step=flops + recompute,

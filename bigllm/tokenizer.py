@@ -149,7 +149,7 @@ def train_tokenizer(inputs: list[str], output: str | Path, vocab_size: int, mode
     (a new directory: a non-empty `output` is refused unless `overwrite`, and replaced once complete)."""
     import sentencepiece as spm
 
-    from bigllm.data.readers import ReadStats, check_inputs, iter_corpus
+    from bigllm.corpus import ReadStats, check_inputs, iter_corpus
     from bigllm.fsutil import check_new_target, new_directory
 
     check_inputs(inputs)

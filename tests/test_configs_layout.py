@@ -9,10 +9,11 @@ import pytest
 
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config
-from bigllm.model.structure import padded_vocab_size
+from bigllm.model.sizes import padded_vocab_size
 from bigllm.parallel.dims import ParallelDims
-from bigllm.train.engine import deepspeed_config, lr_lambda
-from bigllm.train.metrics import count_params
+from bigllm.optim import lr_lambda
+from bigllm.parallel.ds_config import deepspeed_config
+from bigllm.model.sizes import count_params
 from train_utils import ROOT
 
 # config -> (world size it targets, expected parameter count in millions at a 32k vocabulary)

@@ -155,7 +155,7 @@ def test_jsonl_chunks_read_exactly_like_the_line_reader(tmp_path):
     """Workers parse jsonl chunks (`JsonlChunk.documents`: one decode and json.loads a line, or
     line by line when something is irregular); documents, counts and the first error equal the
     line reader's (`iter_documents`) for every chunk size, line numbers included."""
-    from bigllm.data.readers import ReadStats, iter_documents, read_chunks
+    from bigllm.corpus import ReadStats, iter_documents, read_chunks
 
     lines = [b'{"text": "one"}', b'', b'{"text": "two\\u2028lines"}\r', b'   ', b'{"text": "  \\n "}',
              b'{"text": 7}', b'{"text": "caf\xc3\xa9"}', b'[1, 2]', b'{"other": "x"}', b'{"text": "bad \xff"}',
@@ -190,7 +190,7 @@ def test_chunks_shrink_toward_the_end_and_read_like_the_line_reader(tmp_path, co
     """Uncompressed jsonl chunks carry only (offset, size) and shrink toward the end of the
     input (bytes left / spread, within [MIN_CHUNK_BYTES, max_bytes]); gzip chunks carry their
     bytes. Either way, the documents are the line reader's, in order, across two files."""
-    from bigllm.data.readers import MIN_CHUNK_BYTES, iter_documents, read_chunks
+    from bigllm.corpus import MIN_CHUNK_BYTES, iter_documents, read_chunks
 
     text = Path(corpus_jsonl).read_text()
     plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
@@ -213,7 +213,7 @@ def test_chunks_shrink_toward_the_end_and_read_like_the_line_reader(tmp_path, co
 def test_input_changed_during_the_run_is_an_error(tmp_path, corpus_jsonl):
     """A chunk is read from the file by the process that parses it: if the file shrank in the
     meantime, that is a named error, not a short document."""
-    from bigllm.data.readers import read_chunks
+    from bigllm.corpus import read_chunks
 
     src = tmp_path / "c.jsonl"
     src.write_text(Path(corpus_jsonl).read_text())
@@ -258,7 +258,7 @@ def test_missing_input_and_unknown_extension(tmp_path, tokenizer_dir):
 def chunk_holding(path, line: int, chunk_docs: int, workers: int = 2) -> int:
     """The number of the chunk that holds `line` of `path`, as `preprocess` chunks it."""
     from bigllm.data.preprocess import CHUNK_BYTES
-    from bigllm.data.readers import read_chunks
+    from bigllm.corpus import read_chunks
 
     for i, chunk in enumerate(read_chunks([str(path)], chunk_docs, max_bytes=CHUNK_BYTES, spread=4 * workers)):
         if chunk.first_line + chunk.raw().count(b"\n") > line:

@@ -88,7 +88,7 @@ def test_run_dir_holds_the_config_and_logs(tokenizer_dir, shard_prefix, tmp_path
     from bigllm.config import RunConfig
     from bigllm.config_loader import load_config
     from bigllm.parallel.dims import ParallelDims
-    from bigllm.train.engine import deepspeed_config
+    from bigllm.parallel.ds_config import deepspeed_config
 
     overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
         "train.max_steps": 4, "train.eval_interval": 2, "train.peak_tflops": 0.5, "parallel.zero_stage": 2})

@@ -1,7 +1,7 @@
 """slurm/train.sbatch on a real local SLURM cluster (tools/slurm_cluster.sh: slurmctld + 2 slurmd).
 
 Jobs are submitted with `bigllm slurm submit`, so the whole path is exercised: strict config
-load, rendering, sbatch, srun, rank resolution (bigllm.slurm.env) and a real gloo all_reduce
+load, rendering, sbatch, srun, rank resolution (bigllm.launch) and a real gloo all_reduce
 across two (fake) nodes, plus the requeue contract: SIGUSR1 -> checkpoint -> exit 3 -> requeue ->
 resume -> exit 0, first with a small stand-in (fast, isolates the SLURM mechanics), then with the
 real `bigllm train` on the tiny config (one node and two nodes; pre-emption with exact resume).
@@ -34,7 +34,7 @@ import json, os, signal, sys, time
 from pathlib import Path
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config
-from bigllm.slurm.env import export_dist_env, resolve_dist_env
+from bigllm.launch import export_dist_env, resolve_dist_env
 
 mode, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 run_dir = Path(load_config(RunConfig, config, overrides).train.run_dir)

@@ -1,11 +1,11 @@
-"""Unit tests of bigllm.slurm.env: node lists and rank resolution from launcher variables."""
+"""Unit tests of bigllm.launch: node lists and rank resolution from launcher variables."""
 
 import re
 
 import pytest
 
 from bigllm.errors import BigLLMError
-from bigllm.slurm.env import (DistEnv, DistEnvError, expand_nodelist, expand_tasks_per_node,
+from bigllm.launch import (DistEnv, DistEnvError, expand_nodelist, expand_tasks_per_node,
                               export_dist_env, resolve_dist_env, slurm_port)
 
 
@@ -198,7 +198,7 @@ def test_export_round_trip():
 def test_env_module_is_light():
     import subprocess
     import sys
-    code = "import sys, bigllm.slurm.env; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, bigllm.launch; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -74,6 +74,45 @@ def test_the_import_graph_has_no_circle():
     assert circles == [], f"import circles: {circles}"
 
 
+def package_graph(graph=None) -> dict[str, set[str]]:
+    """Top-level rooms of bigllm (bigllm.data, bigllm.train, bigllm.plan, ...) and the rooms each imports."""
+    def room(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    rooms: dict[str, set[str]] = {}
+    for src, edges in (graph or import_graph()).items():
+        rooms.setdefault(room(src), set())
+        rooms[room(src)] |= {room(t) for t, _ in edges if room(t) != room(src) and t != "bigllm"}
+    return rooms
+
+
+def test_imports_run_down_the_house():
+    """The packages form layers: no two top-level packages import each other, directly or around a
+    loop (an arrow from a lower package to a higher one would close such a loop)."""
+    rooms = package_graph()
+    loops = []
+    for start in rooms:
+        seen, todo = set(), list(rooms[start])
+        while todo:
+            room = todo.pop()
+            if room == start:
+                loops.append(start)
+                break
+            if room not in seen:
+                seen.add(room)
+                todo += rooms.get(room, ())
+    assert loops == [], f"packages on a loop of imports (one of their arrows runs back up): {sorted(loops)}"
+
+
+def test_the_house_check_sees_an_arrow_back_up(monkeypatch):
+    """data -> tokenizer -> data (the circle this layout once had) trips the check above."""
+    planted = {"bigllm.data.preprocess": [("bigllm.tokenizer", ["Tokenizer"])],
+               "bigllm.tokenizer": [("bigllm.data.readers", ["iter_corpus"])], "bigllm.data.readers": []}
+    monkeypatch.setattr(__import__(__name__), "import_graph", lambda: planted)
+    with pytest.raises(AssertionError, match=r"bigllm.data', 'bigllm.tokenizer"):
+        test_imports_run_down_the_house()
+
+
 def _is_package(module: str) -> bool:
     return (ROOT / Path(*module.split(".")) / "__init__.py").is_file()
 
@@ -114,17 +153,17 @@ def test_structure_table_is_the_real_model(tied, one_process):
     """Names (in parameter order), full shapes and the parameter count of `structure` equal a built
     CausalLM's; the init rule and tp rules cover every parameter."""
     from bigllm.config import ModelConfig
-    from bigllm.model import structure
+    from bigllm.model import sizes, structure
     from bigllm.model.build import CausalLM
 
     cfg = ModelConfig(hidden_size=64, num_layers=3, num_attention_heads=4, num_kv_heads=2, seq_length=32,
                       tie_embeddings=tied)
-    vocab = structure.padded_vocab_size(300, cfg, 2)
+    vocab = sizes.padded_vocab_size(300, cfg, 2)
     model = CausalLM(cfg, vocab, tp=1, precision="fp32", seed=0)
     params = dict(model.named_parameters())
     assert list(params) == structure.canonical_names(cfg)
     assert {n: tuple(p.shape) for n, p in params.items()} == structure.full_shapes(cfg, vocab)
-    assert sum(p.numel() for p in params.values()) == structure.count_params(cfg, vocab)
+    assert sum(p.numel() for p in params.values()) == sizes.count_params(cfg, vocab)
     for name, p in params.items():
         sigma = structure.init_std(name, cfg.init_std, cfg.num_layers)
         if sigma is None:
@@ -153,10 +192,10 @@ def test_hf_adapter_round_trips_exactly():
     import torch
 
     from bigllm.config import ModelConfig
-    from bigllm.model import hf_adapter, structure
+    from bigllm.model import hf_adapter, sizes, structure
 
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=300)
-    vocab = structure.padded_vocab_size(300, cfg, 1)
+    vocab = sizes.padded_vocab_size(300, cfg, 1)
     gen = torch.Generator().manual_seed(0)
     state = {n: torch.randn(s, generator=gen) for n, s in structure.full_shapes(cfg, vocab).items()}
     for name in (structure.EMBED, structure.HEAD):

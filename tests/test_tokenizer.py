@@ -34,7 +34,7 @@ def test_special_ids_and_metadata(tokenizer_dir):
 def test_import_is_light():
     import subprocess
 
-    code = "import sys, bigllm.tokenizer, bigllm.data.readers, bigllm.data.preprocess; print('torch' in sys.modules)"
+    code = "import sys, bigllm.tokenizer, bigllm.corpus, bigllm.data.preprocess; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

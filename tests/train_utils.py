@@ -190,7 +190,7 @@ def parity_record(run_dir) -> dict[int, dict]:
 _FORK_SERVER = r'''
 import json, os, sys, traceback
 import bigllm.cli
-from bigllm.commands import lazy  # noqa: F401
+from bigllm.commands import convert, evaluate, preprocess  # noqa: F401
 import torch, deepspeed, megatron.core, sentencepiece, transformers  # noqa: F401  imported once, here
 for line in sys.stdin:
     req = json.loads(line)

@@ -89,10 +89,10 @@ def baseline_worker(spec: str) -> None:
     from bigllm.config import RunConfig
     from bigllm.config_loader import load_config
     from bigllm.model.build import CausalLM
-    from bigllm.model.structure import padded_vocab_size
+    from bigllm.model.sizes import padded_vocab_size
     from bigllm.parallel.context import init_parallel
     from bigllm.tokenizer import Tokenizer
-    from bigllm.train.engine import lr_lambda, param_groups
+    from bigllm.optim import adamw, lr_schedule
 
     cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml", json.loads(spec)["overrides"])
     ctx = init_parallel(cfg.parallel, cfg.train.seed)
@@ -100,8 +100,8 @@ def baseline_worker(spec: str) -> None:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     model = CausalLM(cfg.model, vocab, 1, cfg.train.precision, cfg.train.seed).to(ctx.device)
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.max_steps))
+    opt = adamw(model, o)
+    sched = lr_schedule(opt, o, cfg.train.max_steps)
     b, s = cfg.train.micro_batch_size, cfg.model.seq_length
     tokens = torch.randint(0, vocab, (cfg.train.max_steps, b, s + 1), device=ctx.device)
     mask = torch.ones(b, s, device=ctx.device)

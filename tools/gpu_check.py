@@ -136,12 +136,12 @@ def check_backend(s: Settings) -> Row:
 
     m = load_config(RunConfig, s.model_config).model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = sdpa_backend(1, m.num_attention_heads, m.kv_heads, m.seq_length, m.hidden_size // m.num_attention_heads,
+    name = sdpa_backend(1, m.num_attention_heads, m.kv_heads, m.seq_length, m.head_size,
                         torch.bfloat16, device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return Row("SDPA backend", name not in ("none", "math"),
                f"{name} on {where} (bf16, {m.num_attention_heads} heads / {m.kv_heads} kv, head dim "
-               f"{m.hidden_size // m.num_attention_heads}, seq {m.seq_length})")
+               f"{m.head_size}, seq {m.seq_length})")
 
 
 def throughput_overrides(s: Settings, tok: Path, prefix: Path, run_dir: Path) -> list[str]:
@@ -238,7 +238,7 @@ import json, sys, time, torch
 from bigllm.config import RunConfig
 from bigllm.config_loader import load_config
 from bigllm.evaluate.loading import init_single_process
-from bigllm.model import structure
+from bigllm.model import sizes
 from bigllm.model.build import CausalLM
 cfg = load_config(RunConfig, sys.argv[1], ["model.vocab_size=32000"]).model
 init_single_process()
@@ -247,7 +247,7 @@ if cuda:
     torch.cuda.set_device(0)
     torch.cuda.synchronize()
 t0 = time.perf_counter()
-model = CausalLM(cfg, structure.padded_vocab_size(32000, cfg, 1), 1, "bf16", 1234)
+model = CausalLM(cfg, sizes.padded_vocab_size(32000, cfg, 1), 1, "bf16", 1234)
 if cuda:
     torch.cuda.synchronize()
 seconds = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from bigllm.checkpoint.checkpoint import Checkpoint
+from bigllm.checkpoint.native import Checkpoint
 from bigllm.errors import CheckpointError
 from bigllm.model import structure
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from bigllm.checkpoint import files
-from bigllm.checkpoint.format import META, CheckpointMeta, checkpoint_root, set_latest, tag_for, versions, write_meta
+from bigllm.checkpoint.format import (META, CheckpointMeta, checkpoint_root, rng_name, set_latest, tag_for, versions,
+                                      write_meta)
 from bigllm.errors import CheckpointError
 
 
@@ -62,7 +63,7 @@ def save(engine, run_dir: str | Path, meta: CheckpointMeta, keep_last: int, faul
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": meta.step,
                                                              "consumed_samples": meta.consumed_samples},
                            save_latest=False)
-    torch.save(_rng_state(), root / tag / f"rng_rank{dist.get_rank()}.pt")
+    torch.save(_rng_state(), root / tag / rng_name(dist.get_rank()))
     if faults is not None:
         faults.maybe_kill_in_save(meta.step, dist.get_rank())
     dist.barrier()
@@ -91,7 +92,7 @@ def load(engine, tag_dir: Path, rank: int, module_only: bool = False) -> dict:
                                           load_lr_scheduler_states=not module_only)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng = tag_dir / f"rng_rank{rank}.pt"
+    rng = tag_dir / rng_name(rank)
     if rng.is_file() and not module_only:
         _set_rng_state(files.load_weights_only(rng, mmap=False))
     return client or {}

@@ -17,6 +17,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from bigllm.errors import CheckpointError
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what weights can be read as
+
 
 def allowed_globals() -> list:
     """DeepSpeed types found in its optimizer-state files (measured on ZeRO 0-3, fp32/bf16/fp16)."""

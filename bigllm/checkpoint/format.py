@@ -1,11 +1,21 @@
 """The on-disk layout of a run's checkpoints and the typed metadata beside them.
 
     RUN_DIR/checkpoints/
-        step_0000100/            DeepSpeed's files (model/optimizer shards of every rank)
+        step_0000100/            DeepSpeed's files (model/optimizer shards of every rank):
+            mp_rank_MM_model_states.pt                 model-parallel rank MM = stage * tp + tp rank:
+                                                       module weights (pp = 1; none at ZeRO-3),
+                                                       ZeRO-0 optimizer, engine counters
+            zero_pp_rank_D_mp_rank_MM_model_states.pt  ZeRO-3's, one per data-parallel rank D
+            layer_LL-model_TT-model_states.pt          pp > 1: pipeline layer LL's tp shard TT
+            [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1/2/3 optimizer partitions
             rng_rank0.pt ...     per-rank RNG states (exact resume with dropout)
             meta.json            CheckpointMeta: config, tokenizer, layout, step, consumed samples,
                                  versions, and a manifest of every file with its size
+        zero_to_fp32.py          DeepSpeed's recovery script (ZeRO runs; reads `latest`)
         latest                   the tag of the newest *complete* checkpoint
+
+Every file is torch's zip format (`torch.save`'s default), which `torch.load(mmap=True)` maps:
+readers touch only the bytes they use. The names above are spelled here only.
 
 `latest` and meta.json are written atomically (by rename), and `latest` only after the manifest
 is on disk, so a crash during a save leaves the previous checkpoint in charge. A checkpoint is
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +35,28 @@ from bigllm.fsutil import write_atomic
 
 META = "meta.json"
 LATEST = "latest"
+# ZeRO-1/2/3 optimizer partitions (`bf16_` from DeepSpeed's bf16 optimizer): data-parallel rank, model-parallel rank.
+OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+
+
+def model_states_name(mp: int) -> str:
+    """Model-parallel rank `mp`'s model states file (mp = stage * tp + tp rank)."""
+    return f"mp_rank_{mp:02d}_model_states.pt"
+
+
+def zero3_model_states_name(dp: int, mp: int) -> str:
+    """ZeRO-3 writes a model states file per data-parallel rank."""
+    return f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
+
+
+def layer_states_name(layer: int, tp_rank: int) -> str:
+    """A PipelineModule layer's tp shard."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def rng_name(rank: int) -> str:
+    """A rank's RNG streams (bigllm's file, beside DeepSpeed's)."""
+    return f"rng_rank{rank}.pt"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -112,6 +145,14 @@ class CheckpointMeta:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path} lacks or garbles the field {exc}; it was not written by bigllm train "
                                   "or bigllm convert") from None
+
+
+def run_config_from_dict(data: dict):
+    """The RunConfig saved with a checkpoint (strictly checked)."""
+    from bigllm.config import RunConfig
+    from bigllm.config_loader import from_dict
+
+    return from_dict(RunConfig, data)
 
 
 def versions() -> dict:

@@ -23,22 +23,20 @@ from pathlib import Path
 
 import torch
 
-from bigllm.checkpoint.format import CheckpointMeta, Layout, checkpoint_root, set_latest, tag_for, write_meta
+from bigllm.checkpoint.format import (CheckpointMeta, Layout, checkpoint_root, layer_states_name, model_states_name,
+                                      set_latest, tag_for, write_meta)
 from bigllm.config import RunConfig
 from bigllm.fsutil import new_directory
 from bigllm.model import structure
+from bigllm.optim import adamw, lr_schedule
 
 
 def fresh_optim_states(cfg: RunConfig, names: list[str], shapes: dict) -> tuple[dict, dict]:
     """(AdamW state_dict, LambdaLR state_dict) of a new run, built with bigllm's own factories."""
-    from bigllm.train.engine import lr_lambda, param_groups
-
     module = torch.nn.Module()
-    params = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(shapes[n], device="meta")) for n in names)
-    module.params = params
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.max_steps))
+    module.params = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(shapes[n], device="meta")) for n in names)
+    opt = adamw(module, cfg.optim)
+    sched = lr_schedule(opt, cfg.optim, cfg.train.max_steps)
     return opt.state_dict(), sched.state_dict()
 
 
@@ -129,7 +127,7 @@ def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, 
                 optim = bf16_wrapped(optim, names, local, step)
             ckpt = {"module": _module_dict(names, local.get) if pp == 1 else None, "optimizer": optim,
                     "lr_scheduler": sched_from or sched, **_engine_fields(step, consumed, tp, pp, tp * pp)}
-            torch.save(ckpt, tag_dir / f"mp_rank_{s * tp + t:02d}_model_states.pt")
+            torch.save(ckpt, tag_dir / model_states_name(s * tp + t))
     if pp > 1:
         _write_layer_files(shards, m, tp, tag_dir)
 
@@ -147,7 +145,7 @@ def _write_layer_files(shards: _Shards, m, tp: int, tag_dir: Path) -> None:
                 sd[key] = shards.get(name, t)
                 for extra in structure.extra_state_keys([key]):
                     sd[extra] = None
-            torch.save(sd, tag_dir / f"layer_{layer:02d}-model_{t:02d}-model_states.pt")
+            torch.save(sd, tag_dir / layer_states_name(layer, t))
 
 
 def write_run(state: dict, cfg: RunConfig, vocab_size: int, output: str | Path, tokenizer_vocab: int,

@@ -24,17 +24,16 @@ layout and config).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from bigllm.model import structure
 from bigllm.checkpoint.files import load_weights_only
+from bigllm.checkpoint.format import OPTIM_FILE, model_states_name, zero3_model_states_name
 from bigllm.errors import CheckpointError
+from bigllm.model import structure
 
-OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -55,7 +54,7 @@ def optim_files(src, mp: int) -> list[Path]:
 
 def model_states_file(src, mp: int) -> Path:
     """The model states file of model-parallel rank `mp` (ZeRO-3 writes one per dp rank: take dp 0)."""
-    for rel in (f"mp_rank_{mp:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"):
+    for rel in (model_states_name(mp), zero3_model_states_name(0, mp)):
         if rel in src.meta.manifest:
             return src.tag_dir / rel
     raise CheckpointError(f"checkpoint {src.tag_dir} lists no model states file for model-parallel rank {mp}; "

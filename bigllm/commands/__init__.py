@@ -1,13 +1,4 @@
-"""Argument definitions of the `bigllm` subcommands (argparse only; handlers import lazily)."""
-
-
-def lazy(target: str):
-    """A handler that imports `module:function` only when the subcommand runs."""
-
-    def run(args):
-        import importlib
-
-        module_name, func_name = target.split(":")
-        return getattr(importlib.import_module(module_name), func_name)(args)
-
-    return run
+"""The `bigllm` subcommands: one module each, with `register(subparsers)` (argparse) and the
+handlers it sets. A handler imports the code it runs inside its body (so `bigllm --help` imports
+no torch or DeepSpeed) and names it, so a reader follows a command to its code by imports.
+"""

@@ -6,7 +6,6 @@
     bigllm convert reshard --checkpoint runs/tiny --tp 1 --pp 2 --output runs/tiny-pp2 [--reset-optimizer]
 """
 
-from bigllm.commands import lazy
 
 
 def _overwrite(p) -> None:
@@ -21,7 +20,7 @@ def _consolidate(sub) -> None:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written weights")
     _overwrite(p)
-    p.set_defaults(handler=lazy("bigllm.convert.consolidate:cli_consolidate"))
+    p.set_defaults(handler=run_consolidate)
 
 
 def _to_hf(sub) -> None:
@@ -31,7 +30,7 @@ def _to_hf(sub) -> None:
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded in the checkpoint)")
     _overwrite(p)
-    p.set_defaults(handler=lazy("bigllm.convert.hf:cli_to_hf"))
+    p.set_defaults(handler=run_to_hf)
 
 
 def _from_hf(sub) -> None:
@@ -43,7 +42,7 @@ def _from_hf(sub) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     p.add_argument("--tokenizer", help="bigllm tokenizer dir to record in the config (data.tokenizer)")
     _overwrite(p)
-    p.set_defaults(handler=lazy("bigllm.convert.hf:cli_from_hf"))
+    p.set_defaults(handler=run_from_hf)
 
 
 def _reshard(sub) -> None:
@@ -56,7 +55,7 @@ def _reshard(sub) -> None:
     p.add_argument("--reset-optimizer", action="store_true",
                    help="start AdamW moments from zero instead of resharding them")
     _overwrite(p)
-    p.set_defaults(handler=lazy("bigllm.convert.reshard:cli_reshard"))
+    p.set_defaults(handler=run_reshard)
 
 
 def register(sub) -> None:
@@ -65,3 +64,31 @@ def register(sub) -> None:
     inner = p.add_subparsers(dest="convert_command", metavar="ACTION", required=True)
     for add in (_consolidate, _to_hf, _from_hf, _reshard):
         add(inner)
+
+
+def run_consolidate(args) -> int:
+    """Handler of `bigllm convert consolidate`."""
+    from bigllm.convert.consolidate import cli_consolidate
+
+    return cli_consolidate(args)
+
+
+def run_to_hf(args) -> int:
+    """Handler of `bigllm convert to-hf`."""
+    from bigllm.convert.hf import cli_to_hf
+
+    return cli_to_hf(args)
+
+
+def run_from_hf(args) -> int:
+    """Handler of `bigllm convert from-hf`."""
+    from bigllm.convert.hf import cli_from_hf
+
+    return cli_from_hf(args)
+
+
+def run_reshard(args) -> int:
+    """Handler of `bigllm convert reshard`."""
+    from bigllm.convert.reshard import cli_reshard
+
+    return cli_reshard(args)

@@ -1,6 +1,5 @@
-"""`bigllm evaluate perplexity|bleu`: offline evaluation of a checkpoint (argparse only; handlers are lazy)."""
+"""`bigllm evaluate perplexity|bleu|harness`: offline evaluation of a checkpoint."""
 
-from bigllm.commands import lazy
 
 
 def add_model_args(p) -> None:
@@ -45,7 +44,7 @@ def _register_perplexity(inner) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log eval/ppl, eval/loss, eval/bits_per_byte to RUN_DIR/tensorboard at the checkpoint's step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=lazy("bigllm.evaluate.cli:perplexity_main"))
+    p.set_defaults(handler=run_perplexity)
 
 
 def _register_bleu(inner) -> None:
@@ -60,7 +59,7 @@ def _register_bleu(inner) -> None:
     add_generation_args(p, max_new_tokens=32)
     p.add_argument("--output", metavar="REPORT.json", help="write the JSON report (and hypotheses beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=lazy("bigllm.evaluate.cli:bleu_main"))
+    p.set_defaults(handler=run_bleu)
 
 
 def _register_harness(inner) -> None:
@@ -76,7 +75,7 @@ def _register_harness(inner) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--output", metavar="REPORT.json", help="write lm-eval's results and the provenance here")
-    p.set_defaults(handler=lazy("bigllm.evaluate.cli:harness_main"))
+    p.set_defaults(handler=run_harness)
 
 
 def register(sub) -> None:
@@ -87,3 +86,24 @@ def register(sub) -> None:
     _register_bleu(inner)
     _register_harness(inner)
     p.set_defaults(handler=lambda args: p.print_help() or 2)
+
+
+def run_perplexity(args) -> int:
+    """Handler of `bigllm evaluate perplexity`."""
+    from bigllm.evaluate.cli import perplexity_main
+
+    return perplexity_main(args)
+
+
+def run_bleu(args) -> int:
+    """Handler of `bigllm evaluate bleu`."""
+    from bigllm.evaluate.cli import bleu_main
+
+    return bleu_main(args)
+
+
+def run_harness(args) -> int:
+    """Handler of `bigllm evaluate harness`."""
+    from bigllm.evaluate.cli import harness_main
+
+    return harness_main(args)

@@ -1,6 +1,5 @@
-"""`bigllm generate`: continue prompts with a checkpoint (argparse only; the handler is lazy)."""
+"""`bigllm generate`: continue prompts with a checkpoint."""
 
-from bigllm.commands import lazy
 from bigllm.commands.evaluate import add_generation_args, add_model_args
 
 
@@ -17,4 +16,11 @@ def register(sub) -> None:
     add_generation_args(p)
     p.add_argument("--output", metavar="OUT.jsonl", help="write {..., prompt, generation} lines here "
                    "(default: print prompt + generation)")
-    p.set_defaults(handler=lazy("bigllm.evaluate.cli:generate_main"))
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """Handler of `bigllm generate`."""
+    from bigllm.evaluate.cli import generate_main
+
+    return generate_main(args)

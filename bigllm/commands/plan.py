@@ -1,6 +1,5 @@
 """`bigllm plan CONFIG [overrides] --nodes N --gpus-per-node G`: memory and FLOPs before submitting."""
 
-from bigllm.commands import lazy
 
 
 def register(sub) -> None:
@@ -17,4 +16,11 @@ def register(sub) -> None:
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(handler=lazy("bigllm.plan:cli_main"))
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """Handler of `bigllm plan`."""
+    from bigllm.plan import cli_main
+
+    return cli_main(args)

@@ -1,6 +1,5 @@
 """`bigllm preprocess`: tokenize a corpus into megatron-core .bin/.idx shards, or merge shards."""
 
-from bigllm.commands import lazy
 
 
 def register(sub) -> None:
@@ -31,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTPUT_PREFIX.bin/.idx (the new shard is renamed over it once complete)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.set_defaults(handler=lazy("bigllm.commands.preprocess:run"))
+    p.set_defaults(handler=run)
 
 
 def run(args) -> int:

@@ -1,6 +1,5 @@
-"""`bigllm slurm submit|env`: run training as a SLURM batch job (argparse only; handlers are lazy)."""
+"""`bigllm slurm submit|env`: run training as a SLURM batch job."""
 
-from bigllm.commands import lazy
 
 
 def _register_submit(sub) -> None:
@@ -37,7 +36,7 @@ def _register_submit(sub) -> None:
     p.add_argument("--force", action="store_true", help="submit even when `bigllm plan` says it does not fit")
     p.add_argument("--dry-run", action="store_true", help="print the rendered script, submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
-    p.set_defaults(handler=lazy("bigllm.slurm.submit:cli_main"))
+    p.set_defaults(handler=run_submit)
 
 
 def register(sub) -> None:
@@ -46,5 +45,19 @@ def register(sub) -> None:
     inner = p.add_subparsers(dest="slurm_command", metavar="SUBCOMMAND")
     _register_submit(inner)
     env = inner.add_parser("env", help="print this process's rank variables as bigllm resolves them")
-    env.set_defaults(handler=lazy("bigllm.slurm.submit:env_main"))
+    env.set_defaults(handler=run_env)
     p.set_defaults(handler=lambda args: p.print_help() or 2)
+
+
+def run_submit(args) -> int:
+    """Handler of `bigllm slurm submit`."""
+    from bigllm.slurm.submit import cli_main
+
+    return cli_main(args)
+
+
+def run_env(args) -> int:
+    """Handler of `bigllm slurm env`."""
+    from bigllm.slurm.submit import env_main
+
+    return env_main(args)

@@ -1,6 +1,5 @@
-"""`bigllm tokenizer train`: train a SentencePiece tokenizer (argparse only; handler is lazy)."""
+"""`bigllm tokenizer train`: train a SentencePiece tokenizer."""
 
-from bigllm.commands import lazy
 
 
 def register(sub) -> None:
@@ -24,7 +23,7 @@ def register(sub) -> None:
     t.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     t.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     t.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output directory")
-    t.set_defaults(handler=lazy("bigllm.commands.tokenizer:run_train"))
+    t.set_defaults(handler=run_train)
 
 
 def run_train(args) -> int:

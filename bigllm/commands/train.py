@@ -1,6 +1,5 @@
 """`bigllm train CONFIG [section.key=value ...]`: pretrain a model (run under a launcher)."""
 
-from bigllm.commands import lazy
 
 
 def register(sub) -> None:
@@ -13,4 +12,11 @@ def register(sub) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(handler=lazy("bigllm.train.loop:cli_main"))
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """Handler of `bigllm train`."""
+    from bigllm.train.loop import cli_main
+
+    return cli_main(args)

@@ -18,7 +18,7 @@ from bigllm.config import RunConfig
 from bigllm.errors import CheckpointError
 from bigllm.fsutil import check_new_target, new_directory
 from bigllm.model.hf_adapter import from_hf_state, hf_config, to_hf_state
-from bigllm.model.structure import padded_vocab_size
+from bigllm.model.sizes import resolve_vocab
 from bigllm.tokenizer import Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
@@ -70,8 +70,8 @@ def to_hf(checkpoint: str, output: str, tokenizer: str | None = None, overwrite:
     model_file = _tokenizer_model(tokenizer or ckpt.tokenizer_path)
     if model_file is not None:
         Tokenizer.load(model_file)  # a damaged tokenizer.model fails here, before anything is written
-    # HF vocab_size = the tokenizer's real size: the padding rows are dropped.
-    vocab = int(ckpt.tokenizer_vocab_size or cfg.model.vocab_size or ckpt.vocab_size)
+    # HF vocab_size = the real vocabulary: the padding rows are dropped.
+    vocab = ckpt.vocab.real
     with new_directory(output, overwrite, what="--output") as out:
         hf_config(cfg.model, vocab).save_pretrained(out)
         save_file(to_hf_state(state, cfg.model, vocab), str(out / HF_WEIGHTS), metadata={"format": "pt"})
@@ -97,7 +97,7 @@ def from_hf(input_dir: str, output: str, tp: int = 1, pp: int = 1, tokenizer: st
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
     cfg.data.tokenizer = str(Path(tokenizer).resolve()) if tokenizer else ""
     cfg.validate()
-    padded = padded_vocab_size(hf.model_cfg.vocab_size, hf.model_cfg, tp)
+    padded = resolve_vocab(hf.model_cfg, None, tp).padded
     state = from_hf_state(hf.hf_weights(), hf.model_cfg, padded)
     return write_run(state, cfg, padded, output, tokenizer_vocab=hf.model_cfg.vocab_size,
                      origin={"from_hf": str(src.resolve())}, overwrite=overwrite)

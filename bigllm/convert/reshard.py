@@ -23,7 +23,7 @@ from bigllm.checkpoint import Checkpoint, open_native
 from bigllm.checkpoint.write import write_run
 from bigllm.errors import CheckpointError
 from bigllm.fsutil import check_new_target
-from bigllm.model.structure import padded_vocab_size
+from bigllm.model.sizes import resolve_vocab
 
 
 def check_precision(src: Checkpoint, pp: int) -> None:
@@ -47,8 +47,7 @@ def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
     cfg.parallel.sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     cfg.validate()
-    if padded_vocab_size(cfg.model.vocab_size or src.meta.tokenizer_vocab_size or src.vocab_size,
-                         cfg.model, tp) != src.vocab_size:
+    if resolve_vocab(cfg.model, src.vocab.real, tp).padded != src.vocab_size:
         raise CheckpointError(f"the padded vocabulary ({src.vocab_size}) changes at tp={tp}; "
                               "choose a tp that divides model.make_vocab_size_divisible_by")
     state = src.weights("fp32", progress=True)
@@ -56,7 +55,7 @@ def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_
     if reset_optimizer:
         print("note: --reset-optimizer: AdamW moments start from zero; step, samples and lr schedule are kept")
     optim = {"moments": moments, "groups_from": groups, "sched_from": sched}
-    return write_run(state, cfg, src.vocab_size, output, src.meta.tokenizer_vocab_size or src.vocab_size,
+    return write_run(state, cfg, src.vocab_size, output, src.meta.tokenizer_vocab_size or src.vocab.real,
                      origin={"resharded_from": str(src.tag_dir.resolve()), "source_layout": str(src.meta.layout),
                              "optimizer": "reset" if reset_optimizer else "resharded"},
                      step=src.step, consumed=src.meta.consumed_samples, overwrite=overwrite, **optim)

@@ -4,7 +4,7 @@
     # -> data/corpus.bin, data/corpus.idx, readable by IndexedDataset("data/corpus", mmap=True)
 
 How it stays fast and flat in memory:
-- the main process streams the input in chunks (`bigllm.data.readers.read_chunks`) of at most
+- the main process streams the input in chunks (`bigllm.corpus.read_chunks`) of at most
   `chunk_docs` documents and, from the document that reaches it, `chunk_bytes` of input; toward
   the end of the input they shrink (bytes left / (4 * workers), at least 64 KiB) so that the
   encoders finish together. jsonl lines travel undecoded, so UTF-8 decoding and JSON parsing
@@ -47,7 +47,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from bigllm.data.native import load_wordcache
-from bigllm.data.readers import JsonlChunk, ReadStats, check_inputs, read_chunks
+from bigllm.corpus import JsonlChunk, ReadStats, check_inputs, read_chunks
 from bigllm.data.wordcache import MAX_WORDS, WordCache, WordRules, WordStats
 from bigllm.errors import DataError
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from bigllm.errors import ConfigError
+from bigllm.parallel.dims import grad_accum_steps
 
 # The keys of a GPTDataset item that the model consumes, with their batch dtypes.
 _FIELDS = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
@@ -84,9 +85,6 @@ def _check_layout(global_batch_size: int, micro_batch_size: int, dp_rank: int, d
     if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size <= 0:
         raise ConfigError(f"batch sizes and dp size must be positive, got global={global_batch_size}, "
                           f"micro={micro_batch_size}, dp={dp_size}")
-    if global_batch_size % (micro_batch_size * dp_size):
-        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by "
-                          f"train.micro_batch_size={micro_batch_size} * dp={dp_size} "
-                          f"(= {micro_batch_size * dp_size}); make it a multiple")
+    grad_accum_steps(global_batch_size, micro_batch_size, dp_size)
     if not 0 <= dp_rank < dp_size:
         raise ConfigError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")

@@ -26,7 +26,11 @@ from bigllm.errors import CheckpointError
 
 @dataclass
 class LoadedLM:
-    """An evaluation-ready model (eval mode, fp32) with its tokenizer and provenance."""
+    """An evaluation-ready model (eval mode, fp32) with its tokenizer and provenance, in one process.
+
+    Its evaluation interface (`max_positions`, `tokenizer`, `real_vocab`, `info`, `score_pairs`,
+    `generate_ids`) is also `bigllm.evaluate.parallel.ShardedLM`'s, so callers need not know which.
+    """
 
     model: torch.nn.Module  # bigllm.model.build.CausalLM
     tokenizer: object  # bigllm.tokenizer.Tokenizer (encode/decode/eos/pad/vocab_size)
@@ -44,6 +48,27 @@ class LoadedLM:
     @property
     def max_positions(self) -> int:
         return self.cfg.seq_length
+
+    @torch.no_grad()
+    def score_pairs(self, pairs: list, batch_size: int) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), greedy) per (context ids, continuation ids) pair."""
+        from bigllm.evaluate.scoring import pair_batch, row_scores
+
+        out = []
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            width = max(min(len(c) + len(x), self.max_positions + 1) for c, x in chunk) - 1
+            inputs, targets, mask = pair_batch(chunk, len(chunk), width, self.tokenizer.pad)
+            logits = self.model.logits(self.model.hidden(inputs.to(self.device)))  # [s, b, v]
+            rows = row_scores(logits, targets.to(self.device), mask.to(self.device), self.real_vocab).cpu()
+            out += [(float(r[0]), bool(r[1] == r[2])) for r in rows]
+        return out
+
+    def generate_ids(self, prompts: list[list[int]], cfg, progress: bool = False) -> list[list[int]]:
+        """New token ids per prompt (`bigllm.evaluate.generate`, KV cache)."""
+        from bigllm.evaluate.generate import generate_ids
+
+        return generate_ids(self, prompts, cfg, progress)
 
 
 def init_single_process(seed: int = 0) -> None:
@@ -141,7 +166,7 @@ def _device(device) -> torch.device:
 
 def check_vocabularies(tok, ckpt, tok_path) -> int:
     """The number of ids the model scores: the tokenizer's, which must fit the model's vocabulary."""
-    model_vocab = int(ckpt.tokenizer_vocab_size or ckpt.model_cfg.vocab_size or ckpt.vocab_size)
+    model_vocab = ckpt.vocab.real
     if tok.vocab_size > ckpt.vocab_size or tok.vocab_size > model_vocab:
         raise CheckpointError(f"the tokenizer {tok_path} has {tok.vocab_size} tokens but the model in "
                               f"{ckpt.describe()['checkpoint']} was trained with {model_vocab}; drop --tokenizer to use "

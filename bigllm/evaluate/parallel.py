@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigllm.errors import CheckpointError
+from bigllm.errors import CheckpointError, ConfigError
 
 
 def launched_with_several_processes(environ=os.environ) -> bool:
@@ -50,7 +50,8 @@ def masked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
 
 @dataclass
 class ShardedLM:
-    """This rank's part of a native checkpoint, loaded into a DeepSpeed engine."""
+    """This rank's part of a native checkpoint, loaded into a DeepSpeed engine; the same evaluation
+    interface as `bigllm.evaluate.loading.LoadedLM` (generation excepted, refused in one line)."""
 
     engine: object
     ctx: object  # bigllm.parallel.context.ParallelContext
@@ -62,6 +63,41 @@ class ShardedLM:
     @property
     def pipeline(self) -> bool:
         return self.ctx.dims.pp > 1
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.model.seq_length
+
+    def score_pairs(self, pairs: list, batch_size: int) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), greedy) per pair: batches dealt round-robin to the dp
+        ranks, run by each rank's tp x pp group, the rows gathered over dp back into request order."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from bigllm.evaluate.scoring import pair_batch, row_scores
+
+        width, dims = self.max_positions, self.ctx.dims
+        order = list(range(len(pairs)))
+        mine = my_batches(order, batch_size, dims.dp, self.ctx.dp_rank)
+
+        def make(batch):
+            return pair_batch([pairs[i] for i in batch], batch_size, width, self.tokenizer.pad)
+
+        rows = run_batches(self, mine, make, lambda logits, t, m: row_scores(logits, t, m, self.real_vocab),
+                           (batch_size, 3)).reshape(-1, 3)  # [my batches * batch_size, 3]
+        gathered = [torch.empty_like(rows) for _ in range(dims.dp)]
+        dist.all_gather(gathered, rows, group=parallel_state.get_data_parallel_group())
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        out: list = [None] * len(pairs)
+        for k, batch in enumerate(batches):  # batch k went to dp rank k % dp, as its (k // dp)-th
+            block = gathered[k % dims.dp][(k // dims.dp) * batch_size:][:len(batch)]
+            for i, r in zip(batch, block.cpu()):
+                out[i] = (float(r[0]), bool(r[1] == r[2]))
+        return out
+
+    def generate_ids(self, prompts: list[list[int]], cfg, progress: bool = False) -> list[list[int]]:
+        raise ConfigError("generation needs the model in one process (bigllm generates with a KV cache on one "
+                          "device): run it without torchrun, or pass only log-likelihood tasks here")
 
 
 def _eval_run_config(ckpt, cp: int = 1, seq_len: int | None = None):
@@ -96,6 +132,7 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, cp: i
     from bigllm.evaluate.loading import check_vocabularies, describe, load_tokenizer
     from bigllm.model.build import build_model
     from bigllm.parallel.context import MegatronMPU, init_parallel
+    from bigllm.parallel.ds_config import deepspeed_config
 
     ckpt = open_checkpoint(path, warn=lambda message: None)
     if not isinstance(ckpt, Checkpoint):
@@ -107,10 +144,9 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, cp: i
     cfg = _eval_run_config(ckpt, cp, seq_len)
     ctx = init_parallel(cfg.parallel, cfg.train.seed)
     model = build_model(cfg.model, ckpt.vocab_size, ctx.dims, "fp32", cfg.train.seed)
-    ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-                 "train_batch_size": batch_size * ctx.dims.dp_cp, "steps_per_print": 2**31 - 1,
-                 "zero_optimization": {"stage": 0}}
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+    # one micro-batch of `batch_size` windows per dp rank and "step": the generator's batch arithmetic
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = batch_size, batch_size * ctx.dims.dp
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, ctx.dims),
                                       mpu=None if ctx.dims.pp > 1 else MegatronMPU())
     files.install(engine)
     engine_io.load(engine, ckpt.tag_dir, ctx.rank, module_only=True)

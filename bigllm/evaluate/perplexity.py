@@ -61,7 +61,7 @@ def _prefix_documents(prefix: str, tokenizer, eod: int):
 
 
 def _text_documents(path: str, tokenizer, json_key: str):
-    from bigllm.data.readers import check_inputs, iter_documents
+    from bigllm.corpus import check_inputs, iter_documents
 
     check_inputs([path])
     for text in iter_documents(path, json_key):
@@ -75,7 +75,7 @@ def load_stream(paths: list[str], tokenizer, json_key: str = "text") -> EvalStre
     for path in paths:
         if _is_prefix(path):
             documents = _prefix_documents(path, tokenizer, eod)
-        elif Path(path).exists():  # jsonl, txt, parquet, a saved HF dataset (bigllm.data.readers)
+        elif Path(path).exists():  # jsonl, txt, parquet, a saved HF dataset (bigllm.corpus)
             documents = _text_documents(path, tokenizer, json_key)
         else:
             raise DataError(f"--data '{path}' is neither a file nor a .bin/.idx prefix "

@@ -22,7 +22,7 @@ from bigllm.model import structure
 # ----- weights --------------------------------------------------------------------------------
 def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """megatron fused qkv [ng*(qpg+2)*d, h] -> q [nq*d, h], k [ng*d, h], v [ng*d, h]."""
-    ng, d = m.kv_heads, m.hidden_size // m.num_attention_heads
+    ng, d = m.kv_heads, m.head_size
     qpg = m.num_attention_heads // ng
     grouped = qkv.view(ng, qpg + 2, d, -1)  # [ng, qpg + 2, d, h]
     q = grouped[:, :qpg].reshape(ng * qpg * d, -1)
@@ -31,7 +31,7 @@ def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Te
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """Inverse of `split_qkv`."""
-    ng, d = m.kv_heads, m.hidden_size // m.num_attention_heads
+    ng, d = m.kv_heads, m.head_size
     qpg = m.num_attention_heads // ng
     h = q.size(-1)
     grouped = torch.cat([q.view(ng, qpg, d, h), k.view(ng, 1, d, h), v.view(ng, 1, d, h)], dim=1)
@@ -102,7 +102,7 @@ def hf_config(m: ModelConfig, vocab: int):
     return LlamaConfig(
         vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.kv_heads, head_dim=m.hidden_size // m.num_attention_heads,
+        num_key_value_heads=m.kv_heads, head_dim=m.head_size,
         max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
         tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype="float32")

@@ -48,7 +48,7 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.kv_heads,
         ffn_hidden_size=cfg.ffn_size,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        kv_channels=cfg.head_size,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True,  # SwiGLU: silu(x W_gate) * (x W_up)

@@ -22,6 +22,7 @@ L+1 = FinalNorm, L+2 = Head (or the tied Embedding), blocks balanced over stages
 
 Everything that moves weights between layouts (initialisation, checkpoints, `bigllm convert`,
 `bigllm plan`) reads these rules; `tests/test_structure.py` checks them against the real model.
+Sizes derived from them (vocabulary padding, parameter counts, FLOPs) are `bigllm.model.sizes`'.
 """
 
 from __future__ import annotations
@@ -44,16 +45,6 @@ BLOCK_KEYS = ("layer.input_layernorm.weight", "layer.self_attention.linear_proj.
 _EXTRA_STATE_MODULES = ("linear_proj", "linear_qkv", "linear_fc1", "linear_fc2", "output_layer")
 
 
-def padded_vocab_size(vocab_size: int, cfg: ModelConfig, tp: int) -> int:
-    """Round the vocabulary up to a multiple of lcm(make_vocab_size_divisible_by, tp).
-
-    Unlike Megatron (multiple of divisor * tp) the padded size does not change with tp for
-    power-of-two tp <= divisor, so checkpoints reshard without touching the vocabulary.
-    """
-    multiple = math.lcm(cfg.make_vocab_size_divisible_by, tp)
-    return multiple * math.ceil(vocab_size / multiple)
-
-
 def canonical_names(cfg: ModelConfig) -> list[str]:
     """All parameter names of the tp = pp = 1 model, in `CausalLM.parameters()` order."""
     names = [EMBED]
@@ -67,7 +58,7 @@ def canonical_names(cfg: ModelConfig) -> list[str]:
 
 def full_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple]:
     """Canonical name -> full (tp = 1) shape, for the padded vocabulary `vocab_size`."""
-    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    h, d = cfg.hidden_size, cfg.head_size
     block = {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
              "layer.self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
              "layer.self_attention.linear_qkv.weight": ((cfg.num_attention_heads + 2 * cfg.kv_heads) * d, h),
@@ -81,11 +72,6 @@ def full_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple]:
         else:
             shapes[name] = block[name.split(".", 2)[2]]
     return shapes
-
-
-def count_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the full (unsharded) model with the padded vocabulary: what a checkpoint holds."""
-    return sum(math.prod(shape) for shape in full_shapes(cfg, vocab_size).values())
 
 
 # ----- tensor parallelism ----------------------------------------------------------------------
@@ -236,12 +222,6 @@ def stage_names(cfg: ModelConfig, pp: int, stage: int) -> list[str]:
         else:
             names.append(FINAL_NORM)
     return names
-
-
-def params_per_rank(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
-    """Parameters each pipeline stage's tp rank holds (tp ranks of a stage hold the same count)."""
-    shapes = full_shapes(cfg, vocab_size)
-    return [sum(math.prod(shard_shape(n, shapes[n], tp)) for n in stage_names(cfg, pp, s)) for s in range(pp)]
 
 
 def blocks_per_stage(cfg: ModelConfig, pp: int) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from bigllm.config import ParallelConfig
 from bigllm.parallel import cpu_compat
 from bigllm.parallel.dims import ParallelDims
-from bigllm.slurm.env import DistEnv, export_dist_env, resolve_dist_env
+from bigllm.launch import DistEnv, export_dist_env, resolve_dist_env
 
 
 @dataclass

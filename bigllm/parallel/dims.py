@@ -7,6 +7,20 @@ from dataclasses import dataclass
 from bigllm.errors import ConfigError
 
 
+def grad_accum_steps(global_batch: int, micro_batch: int, dp: int) -> int:
+    """The batch arithmetic, in one place: global = micro x grad_accum x dp (cp ranks share their
+    dp rank's samples). Each way it can fail is one ConfigError naming the numbers and the fix."""
+    if global_batch % micro_batch:
+        raise ConfigError(f"train.global_batch_size={global_batch} is not divisible by "
+                          f"train.micro_batch_size={micro_batch}; use a global batch that is a multiple of it")
+    per_step = micro_batch * dp
+    if global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size * dp = "
+            f"{micro_batch} * {dp} = {per_step}; use a global batch that is a multiple of {per_step}")
+    return global_batch // per_step
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """tp x cp x dp x pp = world_size. Rank order: tp fastest, then cp, then dp, then pp.
@@ -42,13 +56,8 @@ class ParallelDims:
         return self.dp * self.cp
 
     def grad_accum_steps(self, global_batch: int, micro_batch: int) -> int:
-        """global = micro x grad_accum x dp, or a ConfigError naming the numbers (cp ranks share samples)."""
-        per_step = micro_batch * self.dp
-        if global_batch % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size * dp = "
-                f"{micro_batch} * {self.dp} = {per_step}; use a global batch that is a multiple of {per_step}")
-        return global_batch // per_step
+        """Micro-batches per step on each rank (`grad_accum_steps` at this dp)."""
+        return grad_accum_steps(global_batch, micro_batch, self.dp)
 
     def coords(self, rank: int) -> tuple[int, int, int, int]:
         """(pp_rank, dp_rank, cp_rank, tp_rank) of a global rank."""

@@ -1,9 +1,5 @@
-"""Running bigllm under SLURM: rank resolution (`env`) and job submission (`submit`).
+"""Running bigllm under SLURM: job submission (`submit`) from the templates in `slurm/`.
 
-`bigllm.slurm.env` is pure and import-light (the training code calls `resolve_dist_env`);
-`bigllm.slurm.submit` renders the templates in `slurm/` and calls `sbatch`.
+Rank resolution from srun's variables is `bigllm.launch`'s (below both this package and
+`bigllm.parallel`); `bigllm.slurm.submit` renders the templates and calls `sbatch`.
 """
-
-from bigllm.slurm.env import DistEnv, DistEnvError, expand_nodelist, export_dist_env, resolve_dist_env
-
-__all__ = ["DistEnv", "DistEnvError", "expand_nodelist", "export_dist_env", "resolve_dist_env"]

@@ -277,7 +277,7 @@ def cli_main(args) -> int:
 
 def env_main(args) -> int:
     """Handler of `bigllm slurm env`: this process's resolved rank variables, for debugging."""
-    from bigllm.slurm.env import resolve_dist_env
+    from bigllm.launch import resolve_dist_env
 
     env = resolve_dist_env()
     print(" ".join(f"{k}={v}" for k, v in vars(env).items()))

@@ -9,10 +9,11 @@ from bigllm.checkpoint import (Checkpoint, CheckpointMeta, Layout, checkpoint_ro
                                run_config_from_dict)
 from bigllm.config_loader import to_dict
 from bigllm.errors import CheckpointError
-from bigllm.model.structure import padded_vocab_size
+from bigllm.model.sizes import resolve_vocab
 
 # ModelConfig fields that decide the weights' shapes (a checkpoint with others is another model).
-SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "kv_heads", "ffn_size", "tie_embeddings")
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "kv_heads", "head_size", "ffn_size",
+                "tie_embeddings")
 
 
 def tokenizer_digest(tokenizer_dir: str) -> str | None:
@@ -34,8 +35,8 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
     saved = run_config_from_dict(meta.config).model
     diffs = [f"model.{k} {getattr(saved, k)} (checkpoint) != {getattr(cfg.model, k)} (config)" for k in SHAPE_FIELDS
              if getattr(saved, k) != getattr(cfg.model, k)]
-    if meta.vocab_size != vocab_size and meta.layout.tp != dims.tp and meta.vocab_size == padded_vocab_size(
-            cfg.model.vocab_size or tokenizer.vocab_size, cfg.model, meta.layout.tp):
+    if meta.vocab_size != vocab_size and meta.layout.tp != dims.tp and meta.vocab_size == resolve_vocab(
+            cfg.model, tokenizer.vocab_size, meta.layout.tp).padded:
         raise CheckpointError(f"{where} pads the vocabulary to {meta.vocab_size} rows at tp={meta.layout.tp}, "
                               f"tp={dims.tp} pads it to {vocab_size}, which changes the model; relaunch with "
                               f"parallel.tp={meta.layout.tp}, or start the run with a model.make_vocab_size_divisible_by "

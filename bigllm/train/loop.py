@@ -38,7 +38,7 @@ def cli_main(args) -> int:
 def preflight(cfg: RunConfig):
     """Layout, batch arithmetic, tokenizer and data checks that need no process group."""
     from bigllm.parallel.context import resolve_dims
-    from bigllm.train.engine import deepspeed_config
+    from bigllm.parallel.ds_config import deepspeed_config
 
     from bigllm.train.logger import check_wandb
 
@@ -46,15 +46,9 @@ def preflight(cfg: RunConfig):
     deepspeed_config(cfg, dims)  # batch divisibility, precision x zero x pp
     check_wandb(cfg.train.wandb)
     tokenizer = load_tokenizer(cfg)
-    if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer in {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but "
-                          f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
-                          f"{tokenizer.vocab_size} or leave it null to follow the tokenizer")
-    from bigllm.model.structure import padded_vocab_size
     from bigllm.train.checkpointer import check_resumable
 
-    check_resumable(cfg, dims, padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size, cfg.model, dims.tp),
-                    tokenizer)
+    check_resumable(cfg, dims, model_vocab(cfg, tokenizer, dims.tp).padded, tokenizer)
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes is empty; give the shard prefixes written by `bigllm preprocess`")
     from bigllm.data.shards import check_shard
@@ -71,6 +65,13 @@ def load_tokenizer(cfg: RunConfig):
         raise ConfigError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist; "
                           "train one with `bigllm tokenizer train --output DIR`")
     return Tokenizer.load(cfg.data.tokenizer)
+
+
+def model_vocab(cfg: RunConfig, tokenizer, tp: int):
+    """The run's Vocab (real, padded) from model.vocab_size and the tokenizer (`bigllm.model.sizes`)."""
+    from bigllm.model.sizes import resolve_vocab
+
+    return resolve_vocab(cfg.model, tokenizer.vocab_size, tp, tokenizer=f"the tokenizer in {cfg.data.tokenizer}")
 
 
 def run(cfg: RunConfig) -> int:
@@ -128,7 +129,6 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, ctx):
         from bigllm.model.build import build_model
-        from bigllm.model.structure import padded_vocab_size
         from bigllm.parallel.context import MegatronMPU, seed_dropout
         from bigllm.train.checkpointer import Checkpointer
         from bigllm.train.engine import build_engine
@@ -141,7 +141,7 @@ class Trainer:
         t, dims = cfg.train, ctx.dims
         self.run_dir = Path(t.run_dir)
         self.tokenizer = load_tokenizer(cfg)
-        self.vocab_size = padded_vocab_size(cfg.model.vocab_size or self.tokenizer.vocab_size, cfg.model, dims.tp)
+        self.vocab_size = model_vocab(cfg, self.tokenizer, dims.tp).padded
         model = build_model(cfg.model, self.vocab_size, dims, t.precision, t.seed, cfg.parallel.sequence_parallel)
         seed_dropout(ctx, t.seed)
         self.pipeline = dims.pp > 1
@@ -158,7 +158,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         """RUN_DIR with the resolved config and the generated DeepSpeed config beside the logs."""
-        from bigllm.train.engine import deepspeed_config
+        from bigllm.parallel.ds_config import deepspeed_config
 
         if self.ctx.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,8 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to train.max_steps (exit 0), or save and stop early when asked (exit 3)."""
-        from bigllm.train.metrics import StepTimer, flops_per_token
+        from bigllm.model.sizes import flops_per_token
+        from bigllm.train.metrics import StepTimer
 
         t = self.cfg.train
         self._prepare_run_dir()

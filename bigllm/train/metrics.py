@@ -5,16 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bigllm.config import ModelConfig
-from bigllm.model.structure import count_params
-
-
-def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B)."""
-    matmul_params = count_params(cfg, vocab_size) - vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
-    # The embedding lookup is no matmul; the head is (tied or not) one h x V matmul.
-    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
-
 
 @dataclass
 class StepTimer:

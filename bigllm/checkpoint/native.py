@@ -1,45 +1,29 @@
-"""Reading any checkpoint path as the model's canonical (tp = pp = 1) tensors.
+"""A native bigllm checkpoint (RUN_DIR/checkpoints/step_N) read as canonical (tp = pp = 1) tensors.
 
-    ckpt = open_checkpoint("runs/x")          # a run dir: its newest complete checkpoint
-    ckpt = open_checkpoint("runs/x/checkpoints/step_0000100")
-    ckpt = open_checkpoint("hf/llama")        # a Hugging Face Llama dir
-    ckpt = open_checkpoint("out/consolidated")  # what `bigllm convert consolidate` writes
+    ckpt = Checkpoint(tag_dir, verify(tag_dir))
     state = ckpt.weights("fp32")              # canonical name -> full tensor, checked against the config
+    weights, moments, groups, sched = ckpt.rank_state(names)   # elastic resume: only `names`
 
-`open_checkpoint` is the one place that decides what a path is. A native checkpoint is verified
-against its manifest first, and only files the manifest lists are opened, weights-only. Its
-weights come from the model files (`mp_rank_XX_model_states.pt`, or a pipeline's
-`layer_LL-model_TT-model_states.pt`) unless those do not hold what was asked for: ZeRO-3 keeps no
-weights there, and bf16/fp16 runs with ZeRO-1/2 keep their fp32 masters only in the optimizer
-shards (`bigllm.checkpoint.zero`); bf16/fp16 runs at ZeRO-0 keep theirs beside the AdamW state in
-the mp_rank files.
+Only files the manifest lists are opened, weights-only and memory-mapped. The weights come from
+the model files (`mp_rank_XX_model_states.pt`, or a pipeline's `layer_LL-model_TT-model_states.pt`)
+unless those do not hold what was asked for: ZeRO-3 keeps no weights there, and bf16/fp16 runs with
+ZeRO-1/2 keep their fp32 masters only in the optimizer shards (`bigllm.checkpoint.zero`); bf16/fp16
+runs at ZeRO-0 keep theirs beside the AdamW state in the mp_rank files.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from bigllm.checkpoint import zero
-from bigllm.checkpoint.files import load_weights_only
-from bigllm.checkpoint.format import META, CheckpointMeta, checkpoint_root, find_resumable, verify
-from bigllm.config import ModelConfig, RunConfig
+from bigllm.checkpoint.files import DTYPES, load_weights_only
+from bigllm.checkpoint.format import CheckpointMeta, layer_states_name, model_states_name, run_config_from_dict
 from bigllm.errors import CheckpointError
 from bigllm.model import structure
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONSOLIDATED_WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-
-
-def run_config_from_dict(data: dict) -> RunConfig:
-    """The RunConfig saved with a checkpoint (strictly checked)."""
-    from bigllm.config_loader import from_dict
-
-    return from_dict(RunConfig, data)
+from bigllm.model.sizes import Vocab, resolve_vocab
 
 
 def _strip(sd: dict) -> dict:
@@ -62,6 +46,11 @@ class Checkpoint:
     vocab_size = property(lambda self: self.meta.vocab_size)  # padded rows of the embedding table
     tokenizer_vocab_size = property(lambda self: self.meta.tokenizer_vocab_size)  # the real vocabulary
     model_cfg = property(lambda self: self.cfg.model)
+
+    @property
+    def vocab(self) -> Vocab:
+        """(real, padded) vocabulary: the padded rows as saved, the real ids by `resolve_vocab`'s rule."""
+        return resolve_vocab(self.cfg.model, self.meta.tokenizer_vocab_size, padded=self.meta.vocab_size)
 
     @property
     def run_dir(self) -> Path | None:
@@ -132,7 +121,7 @@ class Checkpoint:
     def _iter_pp1(self, masters: bool) -> Iterator[tuple[str, list[torch.Tensor]]]:
         shards = []
         for t in range(self.tp):
-            rel = f"mp_rank_{t:02d}_model_states.pt"
+            rel = model_states_name(t)
             ckpt = self.load(rel)
             if not ckpt.get("module"):
                 raise CheckpointError(f"{self.tag_dir / rel} holds no weights (ZeRO-{self.zero_stage} keeps them "
@@ -160,7 +149,7 @@ class Checkpoint:
         for layer in range(last + 1):
             if wanted is not None and layer not in wanted:
                 continue
-            per_rank = [_strip(self.load(f"layer_{layer:02d}-model_{t:02d}-model_states.pt")) for t in range(self.tp)]
+            per_rank = [_strip(self.load(layer_states_name(layer, t))) for t in range(self.tp)]
             for key in per_rank[0]:
                 yield structure.canonical_of(layer, key, n), [r[key] for r in per_rank]
 
@@ -196,7 +185,7 @@ class Checkpoint:
         for s in self.stages_holding(wanted):
             names = structure.stage_names(m, self.pp, s)
             for t in range(self.tp):
-                ckpt = self.load(f"mp_rank_{s * self.tp + t:02d}_model_states.pt")
+                ckpt = self.load(model_states_name(s * self.tp + t))
                 optim = ckpt.get("optimizer") or {}
                 optim = optim.get("optimizer_state_dict", optim)  # bf16/fp16: AdamW inside DeepSpeed's wrapper
                 groups, sched = groups or optim.get("param_groups"), sched or ckpt.get("lr_scheduler")
@@ -219,143 +208,3 @@ class Checkpoint:
                 "layout": {"tp": self.tp, "pp": self.pp, "dp": self.meta.layout.dp, "cp": self.meta.layout.cp,
                            "zero_stage": self.zero_stage},
                 "consumed_samples": self.meta.consumed_samples, "versions": self.meta.versions}
-
-
-class HFModel:
-    """A Hugging Face Llama dir (config.json + *.safetensors), read through bigllm's adapter."""
-
-    kind = "hf"
-
-    def __init__(self, path: Path):
-        from bigllm.model.hf_adapter import model_config_from_hf
-
-        self.path = Path(path)
-        try:
-            self.config = json.loads((self.path / HF_CONFIG).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{self.path / HF_CONFIG} is not readable JSON ({exc}); fix or re-download "
-                                  "the Hugging Face dir") from None
-        self.model_cfg: ModelConfig = model_config_from_hf(self.config)
-        self.vocab_size = structure.padded_vocab_size(self.model_cfg.vocab_size, self.model_cfg, 1)
-        self.tokenizer_vocab_size = self.model_cfg.vocab_size
-        self.step, self.tokenizer_path = None, str(self.path)
-
-    def hf_weights(self) -> dict:
-        """Every tensor of the dir's *.safetensors files (never a pickle)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"'{self.path}' has no *.safetensors weights (save with safe_serialization=True)")
-        out = {}
-        for f in files:
-            try:
-                out.update(load_file(str(f)))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot read {f}: {exc}; the file is damaged or truncated") from None
-        return out
-
-    def weights(self, dtype: str = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:
-        from bigllm.model.hf_adapter import from_hf_state
-
-        return {k: v.to(DTYPES[dtype]) for k, v in from_hf_state(self.hf_weights(), self.model_cfg,
-                                                                  self.vocab_size).items()}
-
-    def describe(self) -> dict:
-        return {"format": "huggingface", "checkpoint": str(self.path.resolve()), "step": None, "layout": None}
-
-
-class Consolidated:
-    """What `bigllm convert consolidate` writes: model.safetensors, config.yaml, meta.json."""
-
-    kind = "consolidated"
-
-    def __init__(self, path: Path):
-        import yaml
-
-        self.path = Path(path)
-        for name in (CONSOLIDATED_WEIGHTS, META, "config.yaml"):
-            if not (self.path / name).is_file():
-                raise CheckpointError(f"'{self.path}' is not a consolidated checkpoint: {name} is missing "
-                                      "(make one with: bigllm convert consolidate)")
-        try:
-            self.meta = json.loads((self.path / META).read_text())
-            self.cfg = run_config_from_dict(yaml.safe_load((self.path / "config.yaml").read_text()))
-        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-            raise CheckpointError(f"'{self.path}' holds a damaged meta.json or config.yaml ({exc}); "
-                                  "consolidate it again") from None
-        self.model_cfg, self.vocab_size = self.cfg.model, int(self.meta["vocab_size"])
-        self.tokenizer_vocab_size = self.meta.get("tokenizer_vocab_size")
-        self.step = (self.meta.get("source") or {}).get("step")
-        self.tokenizer_path = self.meta.get("tokenizer") or self.cfg.data.tokenizer
-
-    def weights(self, dtype: str = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(self.path / CONSOLIDATED_WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {self.path / CONSOLIDATED_WEIGHTS}: {exc}; consolidate again") from None
-        return {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-
-    def describe(self) -> dict:
-        return {"format": "bigllm-consolidated", "checkpoint": str(self.path.resolve()), "step": self.step,
-                "layout": {"tp": 1, "pp": 1}}
-
-
-def write_consolidated(state: dict, ckpt: Checkpoint, out: Path, dtype: str) -> Path:
-    """OUT/model.safetensors (canonical names), OUT/config.yaml and OUT/meta.json (what and whence)."""
-    from safetensors.torch import save_file
-
-    from bigllm.config_loader import save_config
-
-    save_file(state, str(out / CONSOLIDATED_WEIGHTS), metadata={"format": "pt",
-                                                                "producer": "bigllm convert consolidate"})
-    save_config(ckpt.cfg, out / "config.yaml")
-    meta = {"format": "bigllm-consolidated", "dtype": dtype, "vocab_size": ckpt.vocab_size,
-            "tokenizer_vocab_size": ckpt.meta.tokenizer_vocab_size, "tokenizer": ckpt.meta.tokenizer,
-            "source": ckpt.describe()}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out / CONSOLIDATED_WEIGHTS
-
-
-def resolve_tag_dir(path: Path, warn=print) -> Path:
-    """A native tag dir from a tag dir, a run dir or RUN_DIR/checkpoints (its newest complete checkpoint)."""
-    if (path / META).is_file():
-        return path
-    run_dir = path.parent if (path / "latest").is_file() and not (path / "checkpoints").is_dir() else path
-    if checkpoint_root(run_dir).is_dir():
-        problems = []
-        found = find_resumable(run_dir, warn=lambda message: (problems.append(message), warn(message)))
-        if found is None:
-            why = f": {problems[0].removeprefix('warning: ').split('; trying')[0]}" if problems else ""
-            raise CheckpointError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/{why}")
-        return checkpoint_root(run_dir) / found[0]
-    raise CheckpointError(f"'{path}' is neither a bigllm checkpoint (no meta.json, no checkpoints/) nor a Hugging "
-                          "Face directory (no config.json); give a run dir, RUN_DIR/checkpoints/step_N or a "
-                          "Hugging Face Llama dir")
-
-
-def open_checkpoint(path: str | Path, warn=print) -> Checkpoint | HFModel | Consolidated:
-    """What `path` is (native run dir / tag dir, Hugging Face dir, consolidated dir), opened and verified."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path '{p}' does not exist; give a run dir, RUN_DIR/checkpoints/step_N "
-                              "or a Hugging Face Llama dir")
-    if (p / HF_CONFIG).is_file():
-        return HFModel(p)
-    if (p / CONSOLIDATED_WEIGHTS).is_file() and (p / META).is_file():
-        return Consolidated(p)
-    tag_dir = resolve_tag_dir(p, warn)
-    return Checkpoint(tag_dir, verify(tag_dir))
-
-
-def open_native(path: str | Path, warn=print) -> Checkpoint:
-    """A native training checkpoint (run dir or tag dir); anything else is a one-line error."""
-    ckpt = open_checkpoint(path, warn)
-    if not isinstance(ckpt, Checkpoint):
-        raise CheckpointError(f"'{path}' is a {ckpt.kind} dir, not a bigllm training checkpoint (a run dir or "
-                              "RUN_DIR/checkpoints/step_N)")
-    return ckpt

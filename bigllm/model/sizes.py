@@ -1,0 +1,102 @@
+"""Sizes derived from a model config: the vocabulary, parameter counts and FLOPs per token.
+
+    vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, tp)   # Vocab(real, padded)
+    count_params(cfg.model, vocab.padded)                        # what a checkpoint holds
+    params_per_rank(cfg.model, vocab.padded, tp, pp)             # per pipeline stage, one tp rank
+    flops_per_token(cfg.model, vocab.padded)                     # training FLOPs (MFU)
+
+`bigllm plan`, training's MFU, `convert`, `evaluate` and tools/gpu_check.py call these; none
+re-derives them. Shapes come from `bigllm.model.structure`, the head size from
+`ModelConfig.head_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bigllm.config import ModelConfig
+from bigllm.errors import ConfigError
+from bigllm.model import structure
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The model's vocabulary: `real` ids are tokens, `padded` rows the embedding table has."""
+
+    real: int
+    padded: int
+
+
+def padded_vocab_size(vocab_size: int, cfg: ModelConfig, tp: int) -> int:
+    """Round the vocabulary up to a multiple of lcm(make_vocab_size_divisible_by, tp).
+
+    Unlike Megatron (multiple of divisor * tp) the padded size does not change with tp for
+    power-of-two tp <= divisor, so checkpoints reshard without touching the vocabulary.
+    """
+    multiple = math.lcm(cfg.make_vocab_size_divisible_by, tp)
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int | None, tp: int = 1, padded: int | None = None,
+                  tokenizer: str = "the tokenizer") -> Vocab:
+    """The one vocabulary rule: the real vocabulary is model.vocab_size when set, else the tokenizer's;
+    the padded one is `padded` when a checkpoint recorded it, else the real one padded for `tp`.
+
+    A tokenizer with more tokens than model.vocab_size is a ConfigError naming both (`tokenizer`
+    says where it lies); so is a vocabulary that nothing gives.
+    """
+    real = cfg.vocab_size or tokenizer_vocab or padded
+    if real is None:
+        raise ConfigError(f"the vocabulary size is unknown: model.vocab_size is not set and {tokenizer} holds no "
+                          "tokenizer; pass model.vocab_size=N (e.g. 32000)")
+    if cfg.vocab_size is not None and tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
+        raise ConfigError(f"{tokenizer} has {tokenizer_vocab} tokens but model.vocab_size={cfg.vocab_size}; set "
+                          f"model.vocab_size >= {tokenizer_vocab} or leave it null to follow the tokenizer")
+    return Vocab(real=real, padded=padded or padded_vocab_size(real, cfg, tp))
+
+
+# ----- parameters ------------------------------------------------------------------------------
+def count_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the full (unsharded) model with the padded vocabulary: what a checkpoint holds."""
+    return sum(math.prod(shape) for shape in structure.full_shapes(cfg, vocab_size).values())
+
+
+def params_per_rank(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
+    """Parameters each pipeline stage's tp rank holds (tp ranks of a stage hold the same count)."""
+    shapes = structure.full_shapes(cfg, vocab_size)
+    return [sum(math.prod(structure.shard_shape(n, shapes[n], tp)) for n in structure.stage_names(cfg, pp, s))
+            for s in range(pp)]
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of the transformer blocks (all layers): what recompute runs again."""
+    shapes = structure.full_shapes(cfg, 1)
+    return sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("blocks."))
+
+
+def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters that multiply activations: every weight but the norms and the embedding lookup
+    (the head is a matmul, tied to the embedding or not)."""
+    return block_params(cfg) - 2 * cfg.num_layers * cfg.hidden_size + vocab_size * cfg.hidden_size
+
+
+# ----- FLOPs -----------------------------------------------------------------------------------
+def attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs of the attention scores and their weighted sum per token:
+    3 x 2 matmuls x 2 FLOPs x (nq * d) x s per layer, over all key positions (full attention)."""
+    return 12.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * cfg.seq_length
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B)."""
+    return 6.0 * matmul_params(cfg, vocab_size) + attention_flops_per_token(cfg)
+
+
+def recompute_flops_per_token(cfg: ModelConfig) -> float:
+    """What activation recompute adds per token: one more forward of the blocks (2 FLOPs per
+    matmul parameter, and the attention forward, a third of its training FLOPs)."""
+    if not cfg.activation_checkpointing:
+        return 0.0
+    block_matmuls = block_params(cfg) - 2 * cfg.num_layers * cfg.hidden_size
+    return 2.0 * block_matmuls + attention_flops_per_token(cfg) / 3.0

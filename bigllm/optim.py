@@ -1,0 +1,57 @@
+"""The optimizer recipe: torch AdamW over two parameter groups and the learning-rate schedule.
+
+    optimizer = adamw(model, cfg.optim)                        # decay on matrices, none on norms
+    scheduler = lr_schedule(optimizer, cfg.optim, cfg.train.max_steps)
+
+Training (`bigllm.train.engine`, which hands both to DeepSpeed) and the checkpoint writer
+(`bigllm.checkpoint.write`, which writes the state a new run would have) build them here, so a
+written checkpoint's optimizer state has the groups and schedule the trainer expects. Imports
+torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bigllm.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms (1-D weights) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups(model)`: the optimizer DeepSpeed wraps (ZeRO, bf16)."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                             eps=optim.eps)
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of optim.lr at a step: linear warmup, then cosine/linear decay to min_lr."""
+    floor = optim.min_lr / optim.lr if optim.lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
+    """The run's LambdaLR over `lr_lambda` (stepped once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps))
