@@ -1,10 +1,15 @@
-"""Reading checkpoint files without ever unpickling arbitrary objects.
+"""Reading and writing checkpoint files: torch's zip format, memory-mapped, never unpickling objects.
 
 DeepSpeed's own checkpoint engine calls `torch.load(..., weights_only=False)`, which runs
 whatever code a pickle names: a checkpoint from an untrusted source could execute anything.
 Every file here is read with `weights_only=True`, allowing exactly the few plain DeepSpeed classes
 its optimizer files hold; anything else (or a damaged file) is a CheckpointError naming the file.
-`SafeCheckpointEngine` puts the same reader into DeepSpeed's engine for resuming.
+
+Files are written in torch's zip format (DeepSpeed's torch engine, built without a config, would
+write the legacy format, which neither `torch.load(mmap=True)` nor DeepSpeed's zero_to_fp32.py
+reads) and read memory-mapped: a reader touches only the pages of the tensors it uses. Files in
+the legacy format, from earlier bigllm versions, are still read (whole: they cannot be mapped).
+`SafeCheckpointEngine` puts both into DeepSpeed's engine.
 """
 
 from __future__ import annotations
@@ -55,13 +60,24 @@ def load_weights_only(path: str | Path, mmap: bool = True, map_location="cpu"):
             raise _refusal(path, exc) from None
 
 
+def is_zip_format(path: str | Path) -> bool:
+    """Whether a torch file is in the zip format (mappable), not the legacy one."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with a weights-only `load`."""
+    """DeepSpeed's torch checkpoint engine: zip-format saves, weights-only memory-mapped loads."""
+
+    def __init__(self):
+        super().__init__(config_params=None)
+        self.zipfile_serialization = True  # config_params=None would mean the legacy format
 
     def load(self, path: str, map_location=None):
-        return load_weights_only(path, mmap=False, map_location=map_location)
+        return load_weights_only(path, mmap=True, map_location=map_location)
 
 
 def install(engine) -> None:
-    """Make a DeepSpeed engine (and its pipeline module) read checkpoints safely."""
-    engine.checkpoint_engine = SafeCheckpointEngine(config_params=None)
+    """Make a DeepSpeed engine (and its pipeline module) save and read checkpoints this way."""
+    engine.checkpoint_engine = SafeCheckpointEngine()

@@ -77,7 +77,7 @@ class Checkpoint:
         `names`, only the files (pipeline stages, layers) that hold some of them are opened."""
         precision = self.cfg.train.precision
         if self.zero_stage == 3 or (dtype == "fp32" and precision != "fp32" and self.zero_stage >= 1):
-            return zero.iter_masters(self, self.stages_holding(names))
+            return zero.iter_masters(self, self.stages_holding(names), names)
         if self.pp > 1:
             return self._iter_pipeline(names)
         return self._iter_pp1(masters=dtype == "fp32" and precision != "fp32")

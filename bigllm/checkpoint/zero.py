@@ -93,7 +93,8 @@ def _numel(shape) -> int:
 
 
 def _gather_sliced(optims: list[dict], flats: list[list[dict]], shapes: dict, keys: tuple) -> dict:
-    """ZeRO-1/2: local name -> {key: tensor}, each parameter's fragments concatenated over dp ranks."""
+    """ZeRO-1/2: local name -> {key: tensor} for the parameters in `shapes`, each one's fragments
+    concatenated over dp ranks (only their bytes are read from the mapped shards)."""
     fragments: dict[str, list[tuple[int, int, int, int]]] = {}  # name -> [(dp rank, group, start, numel)]
     for d, optim in enumerate(optims):
         for g, mapping in enumerate(optim["param_slice_mappings"]):
@@ -113,12 +114,12 @@ def _gather_sliced(optims: list[dict], flats: list[list[dict]], shapes: dict, ke
     return out
 
 
-def _gather_partitioned(flats: list[list[dict]], shapes: dict, keys: tuple, path: Path) -> dict:
-    """ZeRO-3: local name -> {key: tensor}, each parameter's ceil(numel/dp) pieces concatenated, padding dropped."""
+def _gather_partitioned(flats: list[list[dict]], shapes: dict, keys: tuple, path: Path, keep=None) -> dict:
+    """ZeRO-3: local name -> {key: tensor} of the parameters `keep(name)` accepts (all by default),
+    each one's ceil(numel/dp) pieces concatenated, padding dropped; only their bytes are read."""
     dp = len(flats)
     sizes = [f["fp32"].numel() for f in flats[0]]
     bounds = [sum(sizes[:g + 1]) for g in range(len(sizes))]  # end offset of each flat group in the stream
-    streams = [{k: torch.cat([f[k] for f in rank]) for k in keys} for rank in flats]
     out, offset = {}, 0
     for name, shape in shapes.items():
         numel = _numel(shape)
@@ -126,9 +127,12 @@ def _gather_partitioned(flats: list[list[dict]], shapes: dict, keys: tuple, path
         group = next((g for g, end in enumerate(bounds) if offset < end), None)
         if group is None or offset + piece > bounds[group]:
             raise CheckpointError(f"{path}: the ZeRO-3 partitions end before {name}; the checkpoint is inconsistent")
-        out[name] = {k: torch.cat([s[k].narrow(0, offset, piece) for s in streams])[:numel].view(shape) for k in keys}
-        if "step" in flats[0][group]:
-            out[name]["step"] = flats[0][group]["step"]
+        if keep is None or keep(name):
+            at = offset - (bounds[group] - sizes[group])  # inside the group's flat tensor
+            out[name] = {k: torch.cat([rank[group][k].narrow(0, at, piece) for rank in flats])[:numel].view(shape)
+                         for k in keys}
+            if "step" in flats[0][group]:
+                out[name]["step"] = flats[0][group]["step"]
         offset += piece
     if offset != bounds[-1]:
         raise CheckpointError(f"{path}: {bounds[-1] - offset} ZeRO-3 elements left after the last parameter; "
@@ -145,8 +149,9 @@ def local_shapes(src, mp: int) -> dict[str, torch.Size]:
     return {name: shape for group in groups for name, shape in group.items()}
 
 
-def read_rank(src, mp: int, keys: tuple) -> tuple[dict, list[dict]]:
-    """(local name -> {key: tp-local tensor, 'step'}, base param groups) of model-parallel rank `mp`."""
+def read_rank(src, mp: int, keys: tuple, keep=None) -> tuple[dict, list[dict]]:
+    """(local name -> {key: tp-local tensor, 'step'}, base param groups) of model-parallel rank `mp`,
+    for the parameters `keep(local name)` accepts (all by default)."""
     paths = optim_files(src, mp)
     optims = [load_shard(p) for p in paths]
     flats = [_flat_groups(o, p) for o, p in zip(optims, paths)]
@@ -155,9 +160,9 @@ def read_rank(src, mp: int, keys: tuple) -> tuple[dict, list[dict]]:
                               "(saved before the first optimizer step?); pass --reset-optimizer")
     shapes = local_shapes(src, mp)
     if "fp32_flat_groups" in optims[0]:
-        tensors = _gather_partitioned(flats, shapes, keys, paths[0])
+        tensors = _gather_partitioned(flats, shapes, keys, paths[0], keep)
     else:
-        tensors = _gather_sliced(optims, flats, shapes, keys)
+        tensors = _gather_sliced(optims, flats, {n: s for n, s in shapes.items() if keep is None or keep(n)}, keys)
     return tensors, _group_settings(optims[0])
 
 
@@ -180,20 +185,25 @@ def canonical_name(local: str, src) -> str:
         raise CheckpointError(f"{exc} (in {src.tag_dir}: it was not written by bigllm train)") from None
 
 
-def iter_stages(src, keys: tuple, stages: list[int] | None = None) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
-    """Per pipeline stage (all, or `stages`): (canonical name -> per-tp-rank {key: tensor}, base param groups)."""
+def iter_stages(src, keys: tuple, stages: list[int] | None = None,
+                wanted: set[str] | None = None) -> Iterator[tuple[dict[str, list[dict]], list[dict]]]:
+    """Per pipeline stage (all, or `stages`): (canonical name -> per-tp-rank {key: tensor}, base param
+    groups), of every parameter or only of the canonical names `wanted`."""
+    keep = None if wanted is None else (lambda local: canonical_name(local, src) in wanted)
     for stage in range(src.pp) if stages is None else stages:
         per_tp, groups = [], None
         for t in range(src.tp):
-            tensors, groups = read_rank(src, stage * src.tp + t, keys)
+            tensors, groups = read_rank(src, stage * src.tp + t, keys, keep)
             per_tp.append({canonical_name(name, src): v for name, v in tensors.items()})
         yield {name: [rank[name] for rank in per_tp] for name in per_tp[0]}, groups
 
 
-def iter_masters(src, stages: list[int] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """(canonical name, tp shards) of the fp32 master weights, one stage at a time (tied copies once)."""
+def iter_masters(src, stages: list[int] | None = None,
+                 wanted: set[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(canonical name, tp shards) of the fp32 master weights, one stage at a time (tied copies once),
+    of every parameter or only of the canonical names `wanted`."""
     seen = set()
-    for stage, _ in iter_stages(src, ("fp32",), stages):
+    for stage, _ in iter_stages(src, ("fp32",), stages, wanted):
         for name, per_tp in stage.items():
             if name not in seen:
                 seen.add(name)
@@ -204,7 +214,7 @@ def read_moments(src, stages: list[int] | None = None, wanted: set[str] | None =
     """(canonical {name: {step, exp_avg, exp_avg_sq}} merged over tp in canonical order, param-group
     settings), of every parameter or only of `wanted` (read from `stages`)."""
     moments, groups = {}, None
-    for stage, groups in iter_stages(src, MOMENTS, stages):
+    for stage, groups in iter_stages(src, MOMENTS, stages, wanted):
         for name, per_tp in stage.items():
             if name not in moments and (wanted is None or name in wanted):  # tied copies were updated alike
                 moments[name] = {"step": per_tp[0]["step"],
