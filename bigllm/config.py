@@ -175,6 +175,12 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 2
+    # Write checkpoints in the background: the state is copied to host buffers while the next
+    # step's forward and backward run, and written by a thread (megatron-core's async checkpoint
+    # queue); the checkpoint becomes `latest` once every rank's writer has finished. At most one
+    # save is in flight; stopping (signal, wall-clock budget, the end of the run) waits for it.
+    # Costs host buffers of a rank's checkpoint share (`bigllm plan` counts them).
+    async_save: bool = False
     run_dir: str = "runs/default"
     # Peak dense TFLOP/s of one device, for MFU (e.g. 989 for H100 bf16); null disables MFU.
     peak_tflops: Optional[float] = None

@@ -22,6 +22,10 @@ holds the most micro-batches in flight, the last one the logits), in these parts
     buffers        ZeRO's gradient buckets (two with overlap_comm)
 
 `fits` keeps 10% of the GPU free for the CUDA context, NCCL and allocator fragmentation.
+
+Host memory: with train.async_save each process keeps host buffers for its share of a checkpoint
+(weights and optimizer state as saved), which every save is copied into and written from
+(`host_memory_gb["checkpoint_staging"]`, per GPU's process; 0 for synchronous saves).
 FLOPs per step are model FLOPs (6 x matmul parameters + attention per token, the MFU convention);
 recompute adds one forward of the blocks on top (`hardware_flops_per_step`).
 """
@@ -57,6 +61,7 @@ class Plan:
     memory_gb: dict
     gpu_memory_gb: float
     fits: bool
+    host_memory_gb: dict
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -107,6 +112,15 @@ def _state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": bucket}
 
 
+def checkpoint_bytes(cfg: RunConfig, params: int, dp: int) -> float:
+    """What a rank holding `params` parameters writes per checkpoint: the weights in the model dtype
+    (1/dp of them at ZeRO-3) and the optimizer state: AdamW's moments plus an fp32 master copy
+    (bf16/fp16, and DeepSpeed's fp32 partitions at ZeRO 1-3), 1/dp of it from ZeRO-1 on."""
+    zero, a = cfg.parallel.zero_stage, _dtype_bytes(cfg.train.precision)
+    masters = 4 if (cfg.train.precision != "fp32" or zero >= 1) else 0
+    return params * a / (dp if zero == 3 else 1) + params * (8 + masters) / (dp if zero >= 1 else 1)
+
+
 def _stage_activations(cfg: RunConfig, blocks: int, in_flight: int, last: bool, vocab: int) -> dict:
     t, m, p = cfg.train, cfg.model, cfg.parallel
     tokens = t.micro_batch_size * m.seq_length // p.cp  # this rank's slice of the micro-batch
@@ -152,7 +166,9 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
                 grad_accum=grad_accum, vocab_size=vocab, params_total=total,
                 params_per_gpu=max(per_stage), flops_per_step=flops, hardware_flops_per_step=flops + recompute,
                 tokens_per_step=tokens, memory_gb=memory, gpu_memory_gb=gpu_memory_gb,
-                fits=memory["total"] <= HEADROOM * gpu_memory_gb)
+                fits=memory["total"] <= HEADROOM * gpu_memory_gb,
+                host_memory_gb={"checkpoint_staging": round(checkpoint_bytes(cfg, max(per_stage), dims.dp_cp) / GB, 3)
+                                if t.async_save else 0.0})
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -185,6 +201,9 @@ def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"    {'total':<12} {plan.memory_gb['total']:9.2f}  of {plan.gpu_memory_gb:g} GB: {verdict} "
                  f"(at most {HEADROOM:.0%} of it planned)")
+    if t.async_save:
+        lines.append(f"  host memory per GPU's process: {plan.host_memory_gb['checkpoint_staging']:.2f} GB staging each "
+                     "checkpoint while its writer runs (train.async_save)")
     return "\n".join(lines)
 
 

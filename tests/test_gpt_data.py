@@ -228,7 +228,7 @@ def test_batches_have_the_model_dtypes_and_wrap():
 
 
 def test_indivisible_global_batch_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"global_batch_size=10.*micro_batch_size=2 \* dp=2"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible by train.micro_batch_size \* dp = 2 \* 2 = 4"):
         next(micro_batches(IndexDataset(100), 0, 10, 2, 0, 2))
 
 

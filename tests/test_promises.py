@@ -31,10 +31,13 @@ def _wait_for_log_step(run_dir, step: int, proc, timeout: float = 180) -> None:
     raise AssertionError(f"no step {step} in {log}")
 
 
-def test_sigterm_saves_and_exits_3(tokenizer_dir, shard_prefix, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigterm_saves_and_exits_3(async_save, tokenizer_dir, shard_prefix, tmp_path):
     """A plain `python -m bigllm train` (what srun starts) gets SIGTERM mid-run: it saves at the next
-    step boundary, writes status.json and exits 3 itself."""
-    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{"train.max_steps": 200})
+    step boundary, writes status.json and exits 3 itself. With asynchronous saves (one at every step,
+    so one is in flight) it waits for its writer: the stop step's checkpoint is complete and `latest`."""
+    extra = {"train.async_save": "true", "train.save_interval": 1} if async_save else {}
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{"train.max_steps": 200, **extra})
     proc = subprocess.Popen([sys.executable, "-m", "bigllm", "train", str(TINY), *overrides], cwd=ROOT,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_log_step(tmp_path, 2, proc)
@@ -45,6 +48,9 @@ def test_sigterm_saves_and_exits_3(tokenizer_dir, shard_prefix, tmp_path):
     assert status["state"] == "requeue" and status["reason"] == "SIGTERM" and 2 <= status["step"] < 200
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{status['step']:07d}"
     assert f"stopping at step {status['step']} (SIGTERM): checkpoint saved" in out
+    from bigllm.checkpoint import verify
+
+    assert verify(tmp_path / "checkpoints" / f"step_{status['step']:07d}").step == status["step"]
 
 
 def test_a_killed_peer_is_named_in_one_line(tokenizer_dir, shard_prefix, tmp_path):

@@ -14,6 +14,7 @@ the legacy format, from earlier bigllm versions, are still read (whole: they can
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -60,19 +61,32 @@ def load_weights_only(path: str | Path, mmap: bool = True, map_location="cpu"):
             raise _refusal(path, exc) from None
 
 
-def is_zip_format(path: str | Path) -> bool:
-    """Whether a torch file is in the zip format (mappable), not the legacy one."""
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine: zip-format saves, weights-only memory-mapped loads."""
+    """DeepSpeed's torch checkpoint engine: zip-format saves, weights-only memory-mapped loads.
+
+    Inside `capture()` a save records (path, state) instead of writing: DeepSpeed's engine builds
+    every file's state as usual and bigllm's asynchronous saver hands them to a writer process.
+    """
 
     def __init__(self):
         super().__init__(config_params=None)
         self.zipfile_serialization = True  # config_params=None would mean the legacy format
+        self.captured: list | None = None
+
+    def save(self, state_dict, path: str):
+        if self.captured is None:
+            super().save(state_dict, path)
+        else:
+            self.captured.append((path, state_dict))
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the files a save would write (the list yielded) instead of writing them."""
+        self.captured = []
+        try:
+            yield self.captured
+        finally:
+            self.captured = None
 
     def load(self, path: str, map_location=None):
         return load_weights_only(path, mmap=True, map_location=map_location)

@@ -69,15 +69,19 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
 
 class Checkpointer:
     """Decides its own `should_save(step)`; `save` writes every rank's shards plus the run's
-    metadata (config, tokenizer, layout, data position), `resume` loads the newest complete one."""
+    metadata (config, tokenizer, layout, data position), `resume` loads the newest complete one.
+
+    With train.async_save a save is handed to a writer (`engine_io.AsyncSaver`): `poll` at every
+    step commits it once all ranks' writers are done, `flush` waits for it (before a stop)."""
 
     def __init__(self, engine, cfg, ctx, vocab_size: int, tokenizer_vocab_size: int, faults, say=print):
         self.engine, self.cfg, self.ctx, self.faults, self.say = engine, cfg, ctx, faults, say
         self.run_dir = Path(cfg.train.run_dir)
         self.vocab_size, self.tokenizer_vocab_size = vocab_size, tokenizer_vocab_size
-        self.seconds = 0.0  # how long the last save took (the wall-clock budget plans with it)
+        self.seconds = 0.0  # how long the last save took to be on disk (the wall-clock budget plans with it)
         self.saved_step: int | None = None
         self.tokenizer_sha256 = tokenizer_digest(cfg.data.tokenizer)
+        self.writer = engine_io.AsyncSaver() if cfg.train.async_save else None
 
     def should_save(self, step: int) -> bool:
         """Every train.save_interval steps before the end (the end always saves)."""
@@ -97,10 +101,33 @@ class Checkpointer:
         if self.saved_step == step:
             return
         t0 = time.perf_counter()
+        if self.writer is not None:
+            self.flush()  # at most one save in flight (the wait counts as this save's pause)
+            self.writer.start(self.engine, self.run_dir, self.meta(step, consumed), self.cfg.train.keep_last,
+                              faults=self.faults, since=t0)
+            self.saved_step = step
+            return
         path = engine_io.save(self.engine, self.run_dir, self.meta(step, consumed), self.cfg.train.keep_last,
                               faults=self.faults)
         self.seconds, self.saved_step = time.perf_counter() - t0, step
-        self.say(f"saved checkpoint {path}")
+        self.say(f"saved checkpoint {path} in {self.seconds:.2f} s")
+
+    def poll(self, blocking: bool = False) -> None:
+        """Commit an asynchronous save whose writers are all done (every rank calls this each step)."""
+        done = self.writer.poll(blocking) if self.writer is not None else None
+        if done is not None:
+            self.seconds = done["write_s"]
+            self.say(f"saved checkpoint {done['tag_dir']} (written in the background in {done['write_s']:.2f} s; "
+                     f"training paused {done['stall_s']:.3f} s)")
+
+    def before_update(self) -> None:
+        """The optimizer is about to change the weights: an asynchronous save's host copy must be done."""
+        if self.writer is not None:
+            self.writer.before_update()
+
+    def flush(self) -> None:
+        """Wait for the save in flight, if any, and commit it."""
+        self.poll(blocking=True)
 
     def resume(self) -> tuple[int, int]:
         """(step, consumed samples) of the newest complete checkpoint, loaded; (0, 0) for a new run."""

@@ -6,7 +6,10 @@ omitted) before launching; unset, nothing here runs. Kinds:
 - `nan_loss`      the first micro-batch loss of that step becomes NaN on that rank;
 - `spike_loss`    the first micro-batch loss of that step is multiplied by 50 on that rank;
 - `kill_in_save`  the rank SIGKILLs itself inside the save of that step, after DeepSpeed wrote
-                  its files and before the manifest and `latest` (a crash mid-checkpoint);
+                  its files (with train.async_save: after its writer started) and before the
+                  manifest and `latest` (a crash mid-checkpoint);
+- `slow_save`     train.async_save: the rank's writer waits 3 s before writing that step's files
+                  (a slow file system: training, and the weights, move on meanwhile);
 - `hang`          the rank SIGSTOPs itself at the start of that step (a hung peer);
 - `nan_weights`   after that step's update, one weight of the rank's model becomes NaN.
 
@@ -20,7 +23,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("nan_loss", "spike_loss", "kill_in_save", "hang", "nan_weights")
+KINDS = ("nan_loss", "spike_loss", "kill_in_save", "slow_save", "hang", "nan_weights")
 
 
 @dataclass(frozen=True)

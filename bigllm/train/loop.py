@@ -153,7 +153,7 @@ class Trainer:
         self.guard = LossGuard(t.loss_spike_factor, t.nan_policy, str(self.run_dir / "checkpoints"))
         grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
         self.steps = StepRunner(self.engine, grad_accum, self.guard, self.faults, ctx, self.pipeline,
-                                say=self.logger.say)
+                                say=self.logger.say, before_update=self.checkpointer.before_update)
         self.step, self.consumed = 0, 0
 
     def _prepare_run_dir(self) -> None:
@@ -220,6 +220,7 @@ class Trainer:
                 losses = []
             if self.step < t.max_steps and validator.should_validate(self.step):
                 self._validate(validator)
+            self.checkpointer.poll()
             if self.checkpointer.should_save(self.step):
                 self.checkpointer.save(self.step, self.consumed)
             if t.exit_interval and self.step - first_step >= t.exit_interval and self.step < t.max_steps:
@@ -229,6 +230,7 @@ class Trainer:
         if validator.should_validate(self.step):
             self._validate(validator)
         self.checkpointer.save(self.step, self.consumed)
+        self.checkpointer.flush()
         self.logger.write_status("finished", self.step, f"reached train.max_steps={t.max_steps}")
         where = f", TensorBoard logs in {self.run_dir / 'tensorboard'}" if t.tensorboard else ""
         self.logger.say(f"done: checkpoints in {self.run_dir / 'checkpoints'}{where}")
@@ -237,6 +239,7 @@ class Trainer:
 
     def _stop_early(self, reason: str) -> int:
         self.checkpointer.save(self.step, self.consumed)
+        self.checkpointer.flush()
         self.logger.write_status("requeue", self.step, reason)
         self.logger.say(f"stopping at step {self.step} ({reason}): checkpoint saved; exit code {EXIT_REQUEUE} and "
                         f"{self.run_dir / 'status.json'} ask for a requeue")

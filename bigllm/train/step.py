@@ -8,6 +8,10 @@ SIGUSR1 on any rank reaches every rank at the same step.
 
 DeepSpeed's pipeline engine runs a whole step in `train_batch`; there the guard judges the
 step's loss after it, and the stop request takes its own small all-reduce.
+
+`before_update()` runs just before the optimizer changes the weights (at pp = 1 after the step's
+forward and backward passes, in a pipeline before `train_batch`): an asynchronous save copies
+the state to host memory until then.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from bigllm.train.guard import LossGuard
 
 
 class StepRunner:
-    def __init__(self, engine, grad_accum: int, guard: LossGuard, faults, ctx, pipeline: bool, say=print):
+    def __init__(self, engine, grad_accum: int, guard: LossGuard, faults, ctx, pipeline: bool, say=print,
+                 before_update=lambda: None):
         self.engine, self.grad_accum, self.guard, self.faults = engine, grad_accum, guard, faults
-        self.ctx, self.pipeline, self.say = ctx, pipeline, say
+        self.ctx, self.pipeline, self.say, self.before_update = ctx, pipeline, say, before_update
 
     def run(self, stream, step: int, want_stop: bool) -> tuple[float, bool]:
         """Train step number `step` (1-based); (its loss averaged over dp, whether all ranks stop after it)."""
@@ -54,11 +59,13 @@ class StepRunner:
         # A step whose micro-batches were all skipped has no loss of its own: report the running mean.
         loss = loss_sum / n if n else (self.guard.mean or 0.0)
         self.guard.check(step, loss, n_bad > 0)  # raises before the update under nan_policy=stop
+        self.before_update()
         self.engine.step()
         return loss, n_stop > 0
 
     def _pipeline_step(self, stream, step: int, want_stop: bool) -> tuple[float, bool]:
         pipe_iter = ((b["tokens"], (b["labels"], b["loss_mask"])) for b in stream)
+        self.before_update()
         loss = float(self.engine.train_batch(data_iter=pipe_iter))
         self.guard.check(step, loss, self.guard.is_bad(loss))
         return loss, self._agreed(torch.tensor(float(want_stop), device=self.ctx.device))
