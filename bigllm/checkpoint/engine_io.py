@@ -69,15 +69,14 @@ def _save_through_engine(engine, root: Path, meta: CheckpointMeta) -> None:
                            client_state={"step": meta.step, "consumed_samples": meta.consumed_samples})
 
 
-def _commit(root: Path, meta: CheckpointMeta, keep_last: int) -> None:
-    """Rank 0, once every rank's files are on disk: the manifest (meta.json), then `latest`, then pruning."""
+def _commit(root: Path, meta: CheckpointMeta) -> None:
+    """Rank 0, once every rank's files are on disk: the manifest (meta.json), then `latest`."""
     import torch.distributed as dist
 
     meta.world_size, meta.versions = dist.get_world_size(), versions()
     tag = tag_for(meta.step)
     write_meta(root / tag, meta)
     set_latest(root, tag)
-    _prune(root, keep_last)
 
 
 def save(engine, run_dir: str | Path, meta: CheckpointMeta, keep_last: int, faults=None) -> Path:
@@ -92,7 +91,8 @@ def save(engine, run_dir: str | Path, meta: CheckpointMeta, keep_last: int, faul
         faults.maybe_kill_in_save(meta.step, dist.get_rank())
     dist.barrier()
     if dist.get_rank() == 0:
-        _commit(root, meta, keep_last)
+        _commit(root, meta)
+        _prune(root, keep_last)
     dist.barrier()
     return root / tag_for(meta.step)
 
@@ -213,7 +213,8 @@ class AsyncSaver:
                                   f"{f'this rank ({error})' if error else 'another rank'}; the previous checkpoint "
                                   "stays latest")
         if dist.get_rank() == 0:
-            _commit(root, meta, keep_last)
+            _commit(root, meta)
+            self.caller.executor.submit(_prune, root, keep_last)  # deleting old files takes a while: not here
 
     def poll(self, blocking: bool = False) -> dict | None:
         """Commit the save in flight if every rank's write is done (wait for it with `blocking`);
