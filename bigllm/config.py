@@ -15,8 +15,30 @@ from bigllm.errors import ConfigError
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling as transformers defines it (`rope_scaling` / `rope_parameters` in config.json)."""
+
+    # "none"; "linear": positions divided by `factor`; "llama3": Llama 3.1/3.2's frequency-dependent
+    # scaling (low frequencies divided by `factor`, high ones kept, a smooth band between).
+    type: Literal["none", "linear", "llama3"] = "none"
+    factor: float = 1.0
+    # llama3 only: the band edges as fractions of the original context, and that context's length.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        if self.type != "none" and self.factor <= 0:
+            raise ConfigError(f"model.rope_scaling.factor must be positive, got {self.factor}")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError("model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                              f"{self.low_freq_factor} and {self.high_freq_factor}")
+
+
+@dataclass
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases."""
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention; optional q/k/v biases
+    (Qwen2), per-head q/k RMSNorm (Qwen3), a head size apart from hidden / heads, RoPE scaling."""
 
     hidden_size: int = 64
     num_layers: int = 2
@@ -29,13 +51,24 @@ class ModelConfig:
     # SwiGLU inner size; null means Llama's rule: 2/3 * 4h rounded up to a multiple of 64.
     ffn_hidden_size: Optional[int] = None
     seq_length: int = 128
+    # The context the model is made for (Hugging Face's max_position_embeddings, kept through
+    # `bigllm convert`); null means seq_length. Training and evaluation use seq_length.
+    max_position_embeddings: Optional[int] = None
     # Vocabulary size of the model; null means: the tokenizer's size, padded (see below).
     vocab_size: Optional[int] = None
     # The embedding table is padded to a multiple of this times tp (Megatron's convention).
     make_vocab_size_divisible_by: int = 64
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Biases on the query, key and value projections (Qwen2); no other linear has one.
+    qkv_bias: bool = False
+    # RMSNorm over each head's query and key, before RoPE (Qwen3's qk-norm; megatron's qk_layernorm).
+    qk_norm: bool = False
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # The Hugging Face family the model converts to and from (`bigllm convert to-hf` writes its
+    # model_type and architecture): the features above decide the math, this only the name.
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
     # Dropout on attention probabilities and on residual branches.
     dropout: float = 0.0
     init_std: float = 0.02
@@ -72,6 +105,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.rope_scaling.validate()
 
 
 @dataclass

@@ -55,3 +55,29 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
 def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
     """The run's LambdaLR over `lr_lambda` (stepped once per optimizer step)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps))
+
+
+def schedule_changes(old: OptimConfig, old_max_steps: int, new: OptimConfig, new_max_steps: int) -> list[str]:
+    """'optim.lr 0.0003 -> 0.003', ... for every optimizer setting (and train.max_steps) that differs."""
+    import dataclasses
+
+    changes = [f"optim.{f.name} {getattr(old, f.name)} -> {getattr(new, f.name)}" for f in dataclasses.fields(new)
+               if getattr(old, f.name) != getattr(new, f.name)]
+    if old_max_steps != new_max_steps:
+        changes.append(f"train.max_steps {old_max_steps} -> {new_max_steps}")
+    return changes
+
+
+def apply_schedule(scheduler, optim: OptimConfig, max_steps: int, step: int) -> None:
+    """Make `scheduler` (a `lr_schedule`) and its optimizer's groups follow `optim`'s schedule from
+    `step` on: a resumed checkpoint's groups and scheduler carry the old run's lr, betas, eps and
+    weight decay, and LambdaLR scales its saved base lr by the new schedule's shape."""
+    factor = lr_lambda(optim, max_steps)
+    groups = scheduler.optimizer.param_groups  # bigllm's order: decayed matrices, then the rest
+    for i, group in enumerate(groups):
+        group.update(initial_lr=optim.lr, lr=optim.lr * factor(step), betas=(optim.beta1, optim.beta2),
+                     eps=optim.eps, weight_decay=optim.weight_decay if i == 0 else 0.0)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.lr_lambdas = [factor] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [group["lr"] for group in groups]

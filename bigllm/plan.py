@@ -69,11 +69,10 @@ class Plan:
 
 def tokenizer_vocab(cfg: RunConfig) -> int | None:
     """The size of data.tokenizer when it holds a tokenizer (a plan needs no data otherwise)."""
-    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    if tok is not None and (tok / "tokenizer.model").is_file():
-        from bigllm.tokenizer import Tokenizer
+    from bigllm.tokenizer import digest, load_tokenizer
 
-        return Tokenizer.load(tok).vocab_size
+    if cfg.data.tokenizer and digest(cfg.data.tokenizer) is not None:
+        return load_tokenizer(cfg.data.tokenizer).vocab_size
     return None
 
 
@@ -202,8 +201,8 @@ def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
     lines.append(f"    {'total':<12} {plan.memory_gb['total']:9.2f}  of {plan.gpu_memory_gb:g} GB: {verdict} "
                  f"(at most {HEADROOM:.0%} of it planned)")
     if t.async_save:
-        lines.append(f"  host memory per GPU's process: {plan.host_memory_gb['checkpoint_staging']:.2f} GB staging each "
-                     "checkpoint while its writer runs (train.async_save)")
+        lines.append(f"  host memory per GPU's process: {plan.host_memory_gb['checkpoint_staging']:.2f} GB of buffers that "
+                     "each checkpoint is copied into and written from (train.async_save)")
     return "\n".join(lines)
 
 

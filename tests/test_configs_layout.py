@@ -16,9 +16,11 @@ from bigllm.parallel.ds_config import deepspeed_config
 from bigllm.model.sizes import count_params
 from train_utils import ROOT
 
-# config -> (world size it targets, expected parameter count in millions at a 32k vocabulary)
+# config -> (world size it targets, expected parameter count in millions at its own vocabulary, or
+# at a 32k one when it sets none): the open models' published sizes
 TARGETS = {"tiny.yaml": (4, 9), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
-           "llama-1b-32k.yaml": (8, 1100), "llama-7b.yaml": (32, 6738)}
+           "llama-1b-32k.yaml": (8, 1100), "llama-7b.yaml": (32, 6738), "llama-3.1-8b.yaml": (8, 8030),
+           "qwen2.5-7b.yaml": (8, 7616), "qwen3-8b.yaml": (8, 8191)}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
@@ -32,8 +34,10 @@ def test_config_fits_its_cluster(name):
         dims.dp * dims.cp == cfg.train.global_batch_size * dims.cp
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["zero_optimization"]["stage"] == cfg.parallel.zero_stage
-    assert math.isclose(count_params(cfg.model, 32000) / 1e6, millions, rel_tol=0.01)
-    assert padded_vocab_size(32000, cfg.model, cfg.parallel.tp) % cfg.parallel.tp == 0
+    vocab = padded_vocab_size(cfg.model.vocab_size or 32000, cfg.model, cfg.parallel.tp)
+    assert math.isclose(count_params(cfg.model, vocab) / 1e6, millions, rel_tol=0.01 if cfg.model.vocab_size is None
+                        else 1e-4)
+    assert vocab % cfg.parallel.tp == 0
 
 
 def test_every_shipped_config_has_a_target():

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_utils import transformers_nll
+
 
 pytestmark = pytest.mark.slow
 REL_TOL = 1e-4
@@ -60,27 +62,6 @@ def test_window_batch_masks_targets():
 
 
 # ----- agreement ----------------------------------------------------------------------------
-def _transformers_nll(model_dir: Path, tokens: torch.Tensor, seq_len: int, stride: int) -> tuple[float, int]:
-    """The guide's loop in transformers itself: labels -100 where a window does not score."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    nll, count, prev_end = 0.0, 0, 0
-    with torch.no_grad():
-        for begin in range(0, len(tokens), stride):
-            end = min(begin + seq_len, len(tokens))
-            ids = tokens[begin:end][None]
-            labels = ids.clone()
-            labels[:, :-(end - prev_end)] = -100
-            n = int((labels[:, 1:] != -100).sum())  # targets after transformers' internal shift
-            nll += float(model(ids, labels=labels).loss) * n
-            count += n
-            prev_end = end
-            if end == len(tokens):
-                break
-    return nll, count
-
-
 def _export_hf(run_dir: Path, out: Path) -> Path:
     """`bigllm convert to-hf` (the convert package's Python API)."""
     from bigllm.convert.hf import to_hf
@@ -97,7 +78,7 @@ def test_native_hf_export_and_transformers_agree(lm, tiny, tmp_path):
     native = perplexity(lm, stream, seq_len, stride, batch_size=4, progress=False)
     hf_dir = _export_hf(tiny["run"], tmp_path / "hf")
     exported = perplexity(load_lm(hf_dir), stream, seq_len, stride, batch_size=3, progress=False)
-    nll, count = _transformers_nll(hf_dir, stream.tokens, seq_len, stride)
+    nll, count = transformers_nll(hf_dir, stream.tokens, seq_len, stride)
     assert native.tokens == exported.tokens == count == len(stream.tokens) - 1
     assert exported.loss == pytest.approx(native.loss, rel=REL_TOL)
     assert nll / count == pytest.approx(native.loss, rel=REL_TOL)
@@ -131,7 +112,7 @@ def test_cli_report_and_tensorboard(tiny, lm, tmp_path):
     assert rep["perplexity"] == pytest.approx(math.exp(rep["loss"]))
     assert rep["bits_per_byte"] == pytest.approx(rep["nll_sum"] / (math.log(2) * rep["data"]["utf8_bytes"]))
     stream = load_stream(data, lm.tokenizer)
-    nll, count = _transformers_nll(_export_hf(tiny["run"], tmp_path / "hf"), stream.tokens, 48, 48)
+    nll, count = transformers_nll(_export_hf(tiny["run"], tmp_path / "hf"), stream.tokens, 48, 48)
     assert count == rep["tokens"] and nll / count == pytest.approx(rep["loss"], rel=REL_TOL)
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
@@ -219,10 +200,11 @@ def test_a_cp_that_splits_heads_or_windows_is_refused_before_any_process_group(t
 
 def test_hf_dir_without_sentencepiece_file_uses_its_transformers_tokenizer(lm, tiny, tmp_path):
     """A Hugging Face dir with tokenizer.json but no tokenizer.model: the dir's own tokenizer
-    (transformers) gives the same ids, perplexity and greedy text."""
+    (the `tokenizers` library) gives the same ids, perplexity and greedy text."""
     from bigllm.evaluate.generate import GenerationConfig, generate_texts
-    from bigllm.evaluate.loading import HFTokenizer, load_lm
+    from bigllm.evaluate.loading import load_lm
     from bigllm.evaluate.perplexity import load_stream, perplexity
+    from bigllm.tokenizer import HFTokenizer
 
     hf_dir = _export_hf(tiny["run"], tmp_path / "hf")
     (hf_dir / "tokenizer.model").unlink()

@@ -124,7 +124,7 @@ def test_from_hf_checkpoint_resumes_in_bigllm_train(data, tmp_path):
     assert train_losses(tmp_path / "run")[1] == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("field,value", [("model_type", "mistral"), ("rope_scaling", {"type": "linear", "factor": 2.0}),
+@pytest.mark.parametrize("field,value", [("model_type", "gpt2"), ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}),
                                          ("attention_bias", True)])
 def test_from_hf_refuses_unsupported_architectures(field, value, tmp_path):
     _, path = hf_model(tmp_path, tie=False)

@@ -85,6 +85,29 @@ def model_logits(state: dict, cfg, vocab_size: int, tokens):
         os.environ.update(saved)
 
 
+def transformers_nll(model_dir: Path, tokens, seq_len: int, stride: int) -> tuple[float, int]:
+    """(NLL sum, scored tokens) of the Hugging Face perplexity guide's loop in transformers itself
+    over a token stream: labels -100 where a window does not score."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(tokens), stride):
+            end = min(begin + seq_len, len(tokens))
+            ids = tokens[begin:end][None]
+            labels = ids.clone()
+            labels[:, :-(end - prev_end)] = -100
+            n = int((labels[:, 1:] != -100).sum())  # targets after transformers' internal shift
+            nll += float(model(ids, labels=labels).loss) * n
+            count += n
+            prev_end = end
+            if end == len(tokens):
+                break
+    return nll, count
+
+
 def make_shard(corpus: Path, tokenizer_dir: Path, prefix: str) -> str:
     from bigllm.data.preprocess import preprocess
 

@@ -105,6 +105,8 @@ def load_into(engine, src: Checkpoint, tp_rank: int, tp: int, pp: int, reset_opt
     num_layers = src.cfg.model.num_layers
     params = _engine_params(engine, pp, num_layers, tp_rank, tp)
     weights, moments, groups, sched = src.rank_state(set(params), with_moments=not reset_optimizer)
+    if moments is not None and not moments:
+        moments = None  # saved before any optimizer step (an imported model): AdamW starts fresh
     if moments is not None and any(name not in moments for name in params):
         raise CheckpointError(f"checkpoint {src.tag_dir} holds no AdamW moments for some parameters "
                               "(saved before the first step?)")

@@ -148,23 +148,39 @@ def _write_layer_files(shards: _Shards, m, tp: int, tag_dir: Path) -> None:
             torch.save(sd, tag_dir / layer_states_name(layer, t))
 
 
+TOKENIZER_DIR = "tokenizer"  # a run dir's own copy of its tokenizer's files
+
+
 def write_run(state: dict, cfg: RunConfig, vocab_size: int, output: str | Path, tokenizer_vocab: int,
-              origin: dict, step: int = 0, consumed: int = 0, overwrite: bool = False, **optim_state) -> Path:
-    """OUT/config.yaml + OUT/checkpoints/<tag>/ (+ meta.json, latest) that `bigllm train` resumes.
+              origin: dict, step: int = 0, consumed: int = 0, overwrite: bool = False,
+              tokenizer_files: list[Path] = (), **optim_state) -> Path:
+    """OUT/config.yaml + OUT/checkpoints/<tag>/ (+ meta.json, latest) that `bigllm train` resumes, and
+    with `tokenizer_files` OUT/tokenizer/ holding a copy of them (then data.tokenizer).
 
     A non-empty OUT is refused unless `overwrite`; OUT appears only once it is complete."""
+    import shutil
+
     from bigllm.config_loader import save_config, to_dict
 
     out = Path(output)
     cfg.train.run_dir = str(out.resolve())
+    from bigllm.tokenizer import digest
+
+    sha256 = None
     with new_directory(out, overwrite, what="--output") as tmp:
+        if tokenizer_files:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for f in tokenizer_files:
+                shutil.copy(f, tmp / TOKENIZER_DIR / Path(f).name)
+            cfg.data.tokenizer = str(out.resolve() / TOKENIZER_DIR)
+            sha256 = digest(tmp / TOKENIZER_DIR)
         tag_dir = checkpoint_root(tmp) / tag_for(step)
         write_checkpoint(state, cfg, tag_dir, step, consumed, **optim_state)
         save_config(cfg, tmp / "config.yaml")
         meta = CheckpointMeta(config=to_dict(cfg), layout=Layout(cfg.parallel.tp, cfg.parallel.pp, 1, 0), step=step,
                               consumed_samples=consumed, vocab_size=vocab_size, tokenizer_vocab_size=tokenizer_vocab,
-                              tokenizer=cfg.data.tokenizer, world_size=cfg.parallel.tp * cfg.parallel.pp,
-                              converted=origin)
+                              tokenizer=cfg.data.tokenizer, tokenizer_sha256=sha256,
+                              world_size=cfg.parallel.tp * cfg.parallel.pp, converted=origin)
         write_meta(tag_dir, meta)
         set_latest(checkpoint_root(tmp), tag_dir.name)
     return out

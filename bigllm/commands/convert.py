@@ -24,7 +24,7 @@ def _consolidate(sub) -> None:
 
 
 def _to_hf(sub) -> None:
-    p = sub.add_parser("to-hf", help="export a checkpoint as a Hugging Face LlamaForCausalLM",
+    p = sub.add_parser("to-hf", help="export a checkpoint as a Hugging Face model of its family (Llama, Qwen, ...)",
                        description="Write safetensors weights, config.json and tokenizer files to HF_DIR.")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint tag dir, or a consolidated dir")
     p.add_argument("--output", required=True, help="Hugging Face model directory to write")
@@ -34,13 +34,14 @@ def _to_hf(sub) -> None:
 
 
 def _from_hf(sub) -> None:
-    p = sub.add_parser("from-hf", help="import a Hugging Face Llama model as a bigllm run dir",
+    p = sub.add_parser("from-hf", help="import a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model as a run dir",
                        description="Write RUN_DIR/config.yaml and a step-0 checkpoint that `bigllm train` resumes.")
     p.add_argument("--input", required=True, help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--output", required=True, help="run dir to create")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
-    p.add_argument("--tokenizer", help="bigllm tokenizer dir to record in the config (data.tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer dir to copy into RUN_DIR/tokenizer (default: the Hugging Face "
+                   "dir's own tokenizer.json / tokenizer.model)")
     _overwrite(p)
     p.set_defaults(handler=run_from_hf)
 

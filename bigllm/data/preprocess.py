@@ -72,13 +72,15 @@ class PreprocessResult:
     words: WordStats | None = None  # the word cache's counts (None: nothing was encoded, e.g. a merge)
     word_cache_off: str = ""  # why the word cache was not used ('' when it was)
     word_cache_loop: str = ""  # "C", or "Python" and why (bigllm.data.native)
+    eod: str = ""  # the end-of-document token appended to each document ('' for none or a merge)
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         load = f" + {self.load_seconds:.1f} s importing megatron-core" if self.load_seconds >= 0.05 else ""
+        eod = f"; each document ends with {self.eod}" if self.eod else ""
         text = (f"wrote {self.output_prefix}.bin/.idx: {self.docs} documents, {self.tokens} tokens in "
                 f"{self.seconds:.3f} s{load} ({rate:,.0f} tokens/s, {self.cpu_seconds:.2f} CPU s); "
-                f"skipped {self.stats.empty} empty and {self.stats.bad} bad records")
+                f"skipped {self.stats.empty} empty and {self.stats.bad} bad records{eod}")
         if self.word_cache_off:
             return f"{text}; word cache off ({self.word_cache_off})"
         if self.words is None:
@@ -125,14 +127,50 @@ class ChunkEncoder:
         if self.cache is not None:
             tokens, lengths, words = self.cache.encode(texts, self.eod)
             return tokens.astype(dtype, copy=False), lengths, words, read
-        arrays = self._encode_ids(texts)
-        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        if self.eod is not None:
-            eod = np.array([self.eod], dtype=np.int32)
-            arrays = [part for a in arrays for part in (a, eod)]
-            lengths += 1
-        tokens = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
+        tokens, lengths = _pack(self._encode_ids(texts), self.eod, dtype)
         return tokens, lengths, WordStats(), read
+
+
+def _pack(arrays: list[np.ndarray], eod: int | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the documents' int32 id arrays concatenated as `dtype`, each followed by `eod`, their lengths)."""
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    if eod is not None:
+        end = np.array([eod], dtype=np.int32)
+        arrays = [part for a in arrays for part in (a, end)]
+        lengths += 1
+    tokens = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
+    return tokens, lengths
+
+
+class HFChunkEncoder:
+    """Encodes a chunk with a Hugging Face tokenizer (tokenizer.json): word by word through
+    `bigllm.data.bytelevel`'s cache where that is exact (byte-level BPE, ASCII documents), else one
+    `encode_batch` call of the `tokenizers` library per chunk, on one thread (each worker process is
+    one encoder; the library's own thread pool is off, so --workers cores are used). The same
+    interface as `ChunkEncoder`."""
+
+    def __init__(self, tokenizer_dir: str, eod: int | None, json_key: str = "text", skip_bad: bool = False,
+                 word_cache: int = MAX_WORDS, tok=None):
+        from bigllm.data.bytelevel import ByteLevelWords
+        from bigllm.tokenizer import HFTokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the library at each batch call
+        self.tok = (tok or HFTokenizer(tokenizer_dir)).backend
+        self.eod, self.json_key, self.skip_bad = eod, json_key, skip_bad
+        self.words, self.why_no_cache = ByteLevelWords.for_tokenizer(self.tok, word_cache) if word_cache > 0 \
+            else (None, "word_cache=0")
+
+    def __call__(self, chunk: list[str] | JsonlChunk, dtype: str = "int32"
+                 ) -> tuple[np.ndarray, np.ndarray, WordStats, ReadStats]:
+        texts, read = chunk.documents(self.json_key, self.skip_bad) if isinstance(chunk, JsonlChunk) \
+            else (chunk, ReadStats())
+        if self.words is not None:
+            arrays, stats = self.words.encode(texts)
+        else:
+            encodings = self.tok.encode_batch(texts, add_special_tokens=False)
+            arrays, stats = [np.asarray(e.ids, dtype=np.int32) for e in encodings], WordStats()
+        tokens, lengths = _pack(arrays, self.eod, dtype)
+        return tokens, lengths, stats, read
 
 
 # The encoder of a pool worker process (set once by the pool initializer; never used in the
@@ -142,7 +180,10 @@ _WORKER_ENCODER: ChunkEncoder | None = None
 
 def _init_worker(encoder_or_args) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = encoder_or_args if isinstance(encoder_or_args, ChunkEncoder) else ChunkEncoder(*encoder_or_args)
+    if isinstance(encoder_or_args, tuple):  # spawned: (encoder class, its arguments)
+        kind, args = encoder_or_args
+        encoder_or_args = kind(*args)
+    _WORKER_ENCODER = encoder_or_args
 
 
 def _encode_in_worker(chunk: list[str] | JsonlChunk, dtype: str):
@@ -150,24 +191,24 @@ def _encode_in_worker(chunk: list[str] | JsonlChunk, dtype: str):
 
 
 @contextlib.contextmanager
-def _chunk_encoder(workers: int, init_args: tuple, sp=None):
+def _chunk_encoder(workers: int, here, init_args: tuple):
     """A function from (chunks, token dtype) to the chunks' `ChunkEncoder` results, in input
     order, with at most 2 * workers chunks in flight.
 
     The main process is one of the `workers`: it forks workers - 1 encoders and encodes every
     workers-th chunk itself, whenever it would otherwise wait (it only reads and writes, a few
     percent of the work). One fork fewer, and no more processes than encoders on the cores. The
-    workers are forked with the main process's encoder, made here (`sp`: its SentencePiece model,
-    if loaded), so they start at once. The pool is stopped when the block exits (after the shard is
-    committed, if the caller enters this first: the workers' exit overlaps the index write).
+    workers are forked with the main process's encoder `here`, so they start at once (spawned ones
+    build theirs from `init_args`: (encoder class, arguments)). The pool is stopped when the block
+    exits (after the shard is committed, if the caller enters this first: the workers' exit
+    overlaps the index write).
     """
-    here = ChunkEncoder(*init_args, sp=sp)
     if workers <= 1:  # in-process: no pool start-up, same bytes
         yield lambda chunks, dtype: (here(chunk, dtype) for chunk in chunks)
         return
     # fork where available: workers start in milliseconds, already holding the encoder, and need no
     # importable __main__ (spawn breaks under `python -` and notebooks). They only touch
-    # sentencepiece and NumPy. Spawned workers build their encoders from `init_args`.
+    # sentencepiece (or tokenizers) and NumPy. Spawned workers build their encoders from `init_args`.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers - 1, initializer=_init_worker, initargs=(here if method == "fork" else init_args,)) as pool:
@@ -324,6 +365,25 @@ def _progress(enabled: bool):
                 mininterval=1.0)
 
 
+def _encoders(tok, append_eod: bool, word_cache: int, json_key: str, skip_bad: bool, result: PreprocessResult):
+    """(this process's chunk encoder, (its class, arguments) for spawned workers) for `tok`; the
+    word cache's settings are recorded in `result`."""
+    eod = tok.eod if append_eod else None
+    if tok.kind == "huggingface":
+        args = (str(tok.path), eod, json_key, skip_bad, word_cache)
+        here = HFChunkEncoder(*args, tok=tok)
+        result.word_cache_off = here.why_no_cache and f"{here.why_no_cache}: one batch call per chunk"
+        result.word_cache_loop = "Python, byte-level BPE"
+        return here, (HFChunkEncoder, args)
+    rules = WordRules.for_model(tok.model_path, tok.processor) if word_cache > 0 else WordRules(None, "word_cache=0")
+    result.word_cache_off = rules.reason
+    if not rules.reason:  # build (first use) or load the C loop here, once, before the workers fork
+        lib, why_not = load_wordcache()
+        result.word_cache_loop = "C" if lib else f"Python: {why_not}"
+    args = (tok.model_path, eod, rules, word_cache, json_key, skip_bad)
+    return ChunkEncoder(*args, sp=tok.processor), (ChunkEncoder, args)
+
+
 def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: str = "text",
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
                chunk_docs: int = CHUNK_DOCS, progress: bool = True, word_cache: int = MAX_WORDS,
@@ -334,26 +394,22 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, json_key: 
     `seconds` leave out `load_seconds`, the import of megatron-core (and torch) if this process
     had not imported it yet (~4 s here).
     """
-    from bigllm.tokenizer import Tokenizer
+    from bigllm.tokenizer import load_tokenizer
 
     check_inputs(inputs)
     check_new_shard(output_prefix, overwrite)
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
-    tok = Tokenizer.load(tokenizer)
-    result = PreprocessResult(output_prefix=output_prefix, words=WordStats())
+    tok = load_tokenizer(tokenizer)
+    result = PreprocessResult(output_prefix=output_prefix, words=WordStats(),
+                              eod=f"{tok.eod_name} (id {tok.eod})" if append_eod else "")
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    rules = WordRules.for_model(tok.model_path, tok.processor) if word_cache > 0 else WordRules(None, "word_cache=0")
-    result.word_cache_off = rules.reason
-    if not rules.reason:  # build (first use) or load the C loop here, once, before the workers fork
-        lib, why_not = load_wordcache()
-        result.word_cache_loop = "C" if lib else f"Python: {why_not}"
+    here, init_args = _encoders(tok, append_eod, word_cache, json_key, skip_bad, result)
     # chunks shrink toward the end of the input, so that the encoders finish together
     chunks = read_chunks(inputs, chunk_docs, json_key, skip_bad, result.stats, chunk_bytes,
                          spread=4 * workers if workers > 1 else 0)
-    init_args = (tok.model_path, tok.eod if append_eod else None, rules, word_cache, json_key, skip_bad)
     # On an error the shard's temporaries are removed first, then the pool is stopped.
-    with _gc_frozen(), _chunk_encoder(workers, init_args, tok.processor) as encode:
+    with _gc_frozen(), _chunk_encoder(workers, here, init_args) as encode:
         # megatron-core (and torch) only now, after the fork: forking a process that holds them
         # costs ~10 ms a worker instead of ~1, and a worker's exit ~13 ms instead of ~1.5.
         load, cpu_load = time.perf_counter(), cpu_seconds()

@@ -8,8 +8,8 @@ processes in the checkpoint's own layout: bigllm.evaluate.parallel).
 Any path `bigllm.checkpoint.open_checkpoint` reads (native of any layout, consolidated, Hugging
 Face) gives its canonical tp=1/pp=1 weights, loaded into the training model (`CausalLM`, fp32)
 in this process; megatron's parallel state is initialised with a world of one. The tokenizer is
-the checkpoint's (native) or the dir's: its tokenizer.model (as `bigllm convert to-hf` writes it),
-else its transformers tokenizer (tokenizer.json / tokenizer_config.json, see `HFTokenizer`).
+the checkpoint's (native) or the dir's: a Hugging Face tokenizer.json, else a SentencePiece
+tokenizer.model (`bigllm.tokenizer.load_tokenizer`).
 `lm.info` describes the source for reports (path, step, layout, tokenizer).
 """
 
@@ -87,61 +87,13 @@ def init_single_process(seed: int = 0) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-class HFTokenizer:
-    """A Hugging Face dir's own tokenizer (transformers' AutoTokenizer: tokenizer.json or
-    tokenizer_config.json) behind the small interface evaluation uses (bigllm.tokenizer.Tokenizer's):
-    encode/decode without special tokens, eos = eod, pad (eos when the dir has none), vocab_size."""
-
-    def __init__(self, hf_dir: str | Path):
-        from transformers import AutoTokenizer
-
-        self.path = str(hf_dir)
-        self._tok = AutoTokenizer.from_pretrained(self.path)
-        if self._tok.eos_token_id is None:
-            raise CheckpointError(f"the tokenizer in {hf_dir} has no eos token; documents need one as separator. "
-                                  "Pass --tokenizer DIR (a bigllm tokenizer)")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
-    @property
-    def eos(self) -> int:
-        return self._tok.eos_token_id
-
-    @property
-    def eod(self) -> int:
-        return self._tok.eos_token_id
-
-    @property
-    def bos(self) -> int | None:
-        return self._tok.bos_token_id
-
-    @property
-    def pad(self) -> int:
-        return self._tok.pad_token_id if self._tok.pad_token_id is not None else self._tok.eos_token_id
-
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def load_tokenizer(path: str | Path | None, where: str):
-    """bigllm's SentencePiece tokenizer at `path`; for a Hugging Face dir without tokenizer.model,
-    the dir's own transformers tokenizer."""
-    from bigllm.tokenizer import MODEL_FILE, Tokenizer
+    """The tokenizer at `path` (`bigllm.tokenizer.load_tokenizer`: SentencePiece or Hugging Face)."""
+    from bigllm.tokenizer import load_tokenizer as load
 
     if not path or not Path(path).exists():
         raise CheckpointError(f"the tokenizer of {where} ('{path}') does not exist; pass --tokenizer DIR")
-    p = Path(path)
-    if p.is_dir() and not (p / MODEL_FILE).is_file() and any((p / f).is_file() for f in HF_TOKENIZER_FILES):
-        return HFTokenizer(p)
-    return Tokenizer.load(path)
+    return load(path)
 
 
 def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device) -> torch.nn.Module:
@@ -165,13 +117,15 @@ def _device(device) -> torch.device:
 
 
 def check_vocabularies(tok, ckpt, tok_path) -> int:
-    """The number of ids the model scores: the tokenizer's, which must fit the model's vocabulary."""
+    """The number of ids the model scores: its real vocabulary (the embedding rows past it are tp
+    padding; rows past the tokenizer's size that the model has, as Qwen's, count, as in
+    transformers). The tokenizer must fit in it."""
     model_vocab = ckpt.vocab.real
-    if tok.vocab_size > ckpt.vocab_size or tok.vocab_size > model_vocab:
+    if tok.vocab_size > model_vocab:
         raise CheckpointError(f"the tokenizer {tok_path} has {tok.vocab_size} tokens but the model in "
                               f"{ckpt.describe()['checkpoint']} was trained with {model_vocab}; drop --tokenizer to use "
                               "the checkpoint's own, or pass a tokenizer of at most that size")
-    return tok.vocab_size
+    return model_vocab
 
 
 def describe(ckpt, tok_path, tok, scored: int) -> dict:

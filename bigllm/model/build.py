@@ -26,7 +26,7 @@ class CausalLM(torch.nn.Module):
         tcfg = transformer_config(cfg, tp, precision, sequence_parallel)
         self.embedding = Embedding(tcfg, vocab_size, seed)
         self.blocks = torch.nn.ModuleList(
-            Block(tcfg, i + 1, cfg.rope_theta, seed, cfg.activation_checkpointing) for i in range(cfg.num_layers))
+            Block(tcfg, i + 1, cfg, seed) for i in range(cfg.num_layers))
         self.final_norm = FinalNorm(tcfg)
         self.head = None if cfg.tie_embeddings else Head(tcfg, vocab_size, seed)
 
@@ -70,8 +70,7 @@ def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int,
     else:
         first = LayerSpec(Embedding, tcfg, vocab_size, seed)
         last = LayerSpec(Head, tcfg, vocab_size, seed)
-    blocks = [LayerSpec(Block, tcfg, i + 1, cfg.rope_theta, seed, cfg.activation_checkpointing)
-              for i in range(cfg.num_layers)]
+    blocks = [LayerSpec(Block, tcfg, i + 1, cfg, seed) for i in range(cfg.num_layers)]
     layers = [first, *blocks, LayerSpec(FinalNorm, tcfg), last]
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     return PipelineModule(layers=layers, topology=topology, loss_fn=_pipeline_loss,

@@ -1,58 +1,82 @@
-"""Hugging Face `LlamaForCausalLM` <-> bigllm's canonical state dict (torchtitan's state_dict_adapter).
+"""Hugging Face causal LMs <-> bigllm's canonical state dict (torchtitan's state_dict_adapter).
 
-Name map (canonical -> HF), per block i; megatron's fused qkv is grouped per kv head:
+Families (config.json's model_type), all the same decoder with these differences:
+
+    llama    Llama 2 / 3.x: RoPE scaling `llama3` or `linear`, tied or untied embeddings, head_dim
+    mistral  Llama's layout (a set sliding_window is refused: bigllm attends over the whole sequence)
+    qwen2    Qwen2 / 2.5: biases on q, k and v
+    qwen3    Qwen3: RMSNorm on each head's q and k, head_dim apart from hidden / heads
+
+Name map (canonical -> HF), per block i; megatron's fused qkv (and its bias) is grouped per kv head:
     linear_qkv [ng * (q_per_group + 2) * d, h] -> q_proj [nq*d, h], k_proj [ng*d, h], v_proj [ng*d, h]
+    linear_qkv.bias                            -> q_proj.bias, k_proj.bias, v_proj.bias
+    q_layernorm / k_layernorm                  -> self_attn.q_norm / k_norm
     linear_fc1 [gate; up]                      -> gate_proj, up_proj
     linear_proj / linear_fc2                   -> o_proj / down_proj
-RoPE needs no permutation: megatron's non-interleaved RoPE is HF Llama's rotate_half (the
-logits parity test checks it). The padded vocabulary rows are dropped on export (HF's
-vocab_size = the tokenizer's) and zero-filled on import. The config maps both ways too
-(`hf_config`, `model_config_from_hf`), refusing what bigllm's architecture cannot represent.
+RoPE needs no permutation: megatron's non-interleaved RoPE is HF's rotate_half (the logits parity
+tests check it). The padded vocabulary rows are dropped on export and zero-filled on import. The
+config maps both ways (`hf_config`, `model_config_from_hf`), refusing what bigllm's architecture
+cannot represent, naming the config.json key and its value.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bigllm.config import ModelConfig
+from bigllm.config import ModelConfig, RopeScalingConfig
 from bigllm.errors import CheckpointError
 from bigllm.model import structure
+
+# model_type -> (transformers config class, architecture)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+ROPE_TYPES = ("default", "linear", "llama3")
+QKV = "self_attention.linear_qkv"
 
 
 # ----- weights --------------------------------------------------------------------------------
 def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """megatron fused qkv [ng*(qpg+2)*d, h] -> q [nq*d, h], k [ng*d, h], v [ng*d, h]."""
+    """megatron fused qkv [ng*(qpg+2)*d, ...] -> q [nq*d, ...], k [ng*d, ...], v [ng*d, ...] (weights
+    [.., h] or biases [..])."""
     ng, d = m.kv_heads, m.head_size
     qpg = m.num_attention_heads // ng
-    grouped = qkv.view(ng, qpg + 2, d, -1)  # [ng, qpg + 2, d, h]
-    q = grouped[:, :qpg].reshape(ng * qpg * d, -1)
-    return q, grouped[:, qpg].reshape(ng * d, -1), grouped[:, qpg + 1].reshape(ng * d, -1)
+    grouped = qkv.view(ng, qpg + 2, d, *qkv.shape[1:])  # [ng, qpg + 2, d, (h)]
+    rest = qkv.shape[1:]
+    q = grouped[:, :qpg].reshape(ng * qpg * d, *rest)
+    return q, grouped[:, qpg].reshape(ng * d, *rest), grouped[:, qpg + 1].reshape(ng * d, *rest)
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """Inverse of `split_qkv`."""
     ng, d = m.kv_heads, m.head_size
     qpg = m.num_attention_heads // ng
-    h = q.size(-1)
-    grouped = torch.cat([q.view(ng, qpg, d, h), k.view(ng, 1, d, h), v.view(ng, 1, d, h)], dim=1)
-    return grouped.reshape(ng * (qpg + 2) * d, h).contiguous()
+    rest = q.shape[1:]
+    grouped = torch.cat([q.view(ng, qpg, d, *rest), k.view(ng, 1, d, *rest), v.view(ng, 1, d, *rest)], dim=1)
+    return grouped.reshape(ng * (qpg + 2) * d, *rest).contiguous()
 
 
 def _block_to_hf(state: dict, i: int, m: ModelConfig) -> dict:
     pre, out = f"blocks.{i}.layer.", f"model.layers.{i}."
-    q, k, v = split_qkv(state[pre + "self_attention.linear_qkv.weight"], m)
+    q, k, v = split_qkv(state[pre + QKV + ".weight"], m)
     gate, up = state[pre + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-    return {out + "input_layernorm.weight": state[pre + "input_layernorm.weight"],
-            out + "self_attn.q_proj.weight": q, out + "self_attn.k_proj.weight": k,
-            out + "self_attn.v_proj.weight": v,
-            out + "self_attn.o_proj.weight": state[pre + "self_attention.linear_proj.weight"],
-            out + "post_attention_layernorm.weight": state[pre + "pre_mlp_layernorm.weight"],
-            out + "mlp.gate_proj.weight": gate, out + "mlp.up_proj.weight": up,
-            out + "mlp.down_proj.weight": state[pre + "mlp.linear_fc2.weight"]}
+    hf = {out + "input_layernorm.weight": state[pre + "input_layernorm.weight"],
+          out + "self_attn.q_proj.weight": q, out + "self_attn.k_proj.weight": k,
+          out + "self_attn.v_proj.weight": v,
+          out + "self_attn.o_proj.weight": state[pre + "self_attention.linear_proj.weight"],
+          out + "post_attention_layernorm.weight": state[pre + "pre_mlp_layernorm.weight"],
+          out + "mlp.gate_proj.weight": gate, out + "mlp.up_proj.weight": up,
+          out + "mlp.down_proj.weight": state[pre + "mlp.linear_fc2.weight"]}
+    if m.qkv_bias:
+        for name, bias in zip("qkv", split_qkv(state[pre + QKV + ".bias"], m)):
+            hf[out + f"self_attn.{name}_proj.bias"] = bias
+    if m.qk_norm:
+        hf[out + "self_attn.q_norm.weight"] = state[pre + "self_attention.q_layernorm.weight"]
+        hf[out + "self_attn.k_norm.weight"] = state[pre + "self_attention.k_layernorm.weight"]
+    return hf
 
 
 def to_hf_state(state: dict, m: ModelConfig, vocab: int) -> dict:
-    """Canonical state -> HF Llama names, vocabulary rows cut to `vocab` (the real size)."""
+    """Canonical state -> HF names, vocabulary rows cut to `vocab` (the real size)."""
     hf = {"model.embed_tokens.weight": state[structure.EMBED][:vocab]}
     for i in range(m.num_layers):
         hf.update(_block_to_hf(state, i, m))
@@ -68,7 +92,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def from_hf_state(hf: dict, m: ModelConfig, padded_vocab: int) -> dict:
-    """HF Llama names -> canonical state (vocabulary padded with zero rows)."""
+    """HF names -> canonical state (vocabulary padded with zero rows)."""
     def get(name):
         if name not in hf:
             raise CheckpointError(f"the Hugging Face weights lack '{name}'")
@@ -76,16 +100,19 @@ def from_hf_state(hf: dict, m: ModelConfig, padded_vocab: int) -> dict:
 
     state = {structure.EMBED: _pad_rows(get("model.embed_tokens.weight"), padded_vocab)}
     for i in range(m.num_layers):
-        src, pre = f"model.layers.{i}.", f"blocks.{i}.layer."
-        state[pre + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
-        state[pre + "self_attention.linear_proj.weight"] = get(src + "self_attn.o_proj.weight")
-        state[pre + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            get(src + "self_attn.q_proj.weight"), get(src + "self_attn.k_proj.weight"),
-            get(src + "self_attn.v_proj.weight"), m)
-        state[pre + "pre_mlp_layernorm.weight"] = get(src + "post_attention_layernorm.weight")
-        state[pre + "mlp.linear_fc1.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"),
-                                                          get(src + "mlp.up_proj.weight")])
-        state[pre + "mlp.linear_fc2.weight"] = get(src + "mlp.down_proj.weight")
+        src, pre = f"model.layers.{i}.self_attn.", f"blocks.{i}.layer."
+        state[pre + "input_layernorm.weight"] = get(f"model.layers.{i}.input_layernorm.weight")
+        state[pre + "self_attention.linear_proj.weight"] = get(src + "o_proj.weight")
+        state[pre + QKV + ".weight"] = fuse_qkv(*(get(src + f"{n}_proj.weight") for n in "qkv"), m)
+        if m.qkv_bias:
+            state[pre + QKV + ".bias"] = fuse_qkv(*(get(src + f"{n}_proj.bias") for n in "qkv"), m)
+        if m.qk_norm:
+            state[pre + "self_attention.q_layernorm.weight"] = get(src + "q_norm.weight")
+            state[pre + "self_attention.k_layernorm.weight"] = get(src + "k_norm.weight")
+        state[pre + "pre_mlp_layernorm.weight"] = get(f"model.layers.{i}.post_attention_layernorm.weight")
+        state[pre + "mlp.linear_fc1.weight"] = torch.cat([get(f"model.layers.{i}.mlp.gate_proj.weight"),
+                                                          get(f"model.layers.{i}.mlp.up_proj.weight")])
+        state[pre + "mlp.linear_fc2.weight"] = get(f"model.layers.{i}.mlp.down_proj.weight")
     state[structure.FINAL_NORM] = get("model.norm.weight")
     if not m.tie_embeddings:
         state[structure.HEAD] = _pad_rows(get("lm_head.weight"), padded_vocab)
@@ -93,56 +120,105 @@ def from_hf_state(hf: dict, m: ModelConfig, padded_vocab: int) -> dict:
 
 
 # ----- config ---------------------------------------------------------------------------------
-def hf_config(m: ModelConfig, vocab: int):
-    """transformers.LlamaConfig of a bigllm model."""
-    from transformers import LlamaConfig
-
-    from bigllm.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.kv_heads, head_dim=m.head_size,
-        max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype="float32")
+def _rope_to_hf(m: ModelConfig) -> dict:
+    """transformers' RoPE parameters (`rope_parameters`, transformers >= 5; `rope_scaling` before)."""
+    s = m.rope_scaling
+    if s.type == "none":
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    params = {"rope_type": s.type, "factor": s.factor, "rope_theta": m.rope_theta}
+    if s.type == "llama3":
+        params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                      original_max_position_embeddings=s.original_max_position_embeddings)
+    return params
 
 
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default":
-        raise CheckpointError(f"config.json rope_parameters.rope_type={params['rope_type']!r} is not supported "
-                              "(bigllm has plain RoPE only)")
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta)
+def hf_config(m: ModelConfig, vocab: int, special_ids: dict):
+    """The transformers config of a bigllm model, of its family (model_type and architecture)."""
+    import transformers
+
+    class_name, architecture = FAMILIES[m.family]
+    rope = _rope_to_hf(m)
+    kwargs = dict(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                  num_key_value_heads=m.kv_heads, head_dim=m.head_size,
+                  max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=m.norm_eps,
+                  tie_word_embeddings=m.tie_embeddings, hidden_act="silu", dtype="float32", **special_ids)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["rope_parameters"] = rope
+    else:
+        kwargs["rope_theta"] = rope.pop("rope_theta")
+        kwargs["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    family = {"llama": dict(attention_bias=False, mlp_bias=False), "mistral": dict(sliding_window=None),
+              "qwen2": dict(use_sliding_window=False), "qwen3": dict(attention_bias=False, use_sliding_window=False)}
+    config = getattr(transformers, class_name)(**kwargs, **family[m.family])
+    config.architectures = [architecture]
+    return config
+
+
+def _refuse(key: str, value, why: str):
+    raise CheckpointError(f"unsupported Hugging Face config: {key}={value!r} ({why})")
+
+
+def rope_from_hf(cfg: dict) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, scaling) from config.json: transformers 5's `rope_parameters` or the older
+    `rope_theta` + `rope_scaling`. Scaling other than linear and llama3 is refused, naming it."""
+    params = dict(cfg.get("rope_parameters") or {})
+    key = "rope_parameters"
+    if cfg.get("rope_scaling"):
+        params.update(cfg["rope_scaling"])
+        key = "rope_scaling"
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        _refuse(f"{key}.rope_type", kind, "bigllm has RoPE scaling 'linear' and 'llama3' only")
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    scaling = RopeScalingConfig(type=kind, factor=float(params.get("factor", 1.0)))
+    if kind == "llama3":
+        scaling.low_freq_factor = float(params.get("low_freq_factor", 1.0))
+        scaling.high_freq_factor = float(params.get("high_freq_factor", 4.0))
+        scaling.original_max_position_embeddings = int(params.get("original_max_position_embeddings", 8192))
+    return theta, scaling
 
 
 def check_supported(cfg: dict) -> None:
-    """Refuse what bigllm's architecture cannot represent, naming the config.json field."""
-    rules = [("model_type", cfg.get("model_type") == "llama", "only 'llama' is supported"),
-             ("rope_scaling", not cfg.get("rope_scaling"), "RoPE scaling is not supported"),
-             ("attention_bias", not cfg.get("attention_bias", False), "attention biases are not supported"),
+    """Refuse what bigllm's architecture cannot represent, naming the config.json key and value."""
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        _refuse("model_type", family, f"bigllm converts {', '.join(FAMILIES)}")
+    rules = [("hidden_act", cfg.get("hidden_act", "silu") == "silu", "only SwiGLU ('silu') is supported"),
              ("mlp_bias", not cfg.get("mlp_bias", False), "MLP biases are not supported"),
-             ("hidden_act", cfg.get("hidden_act", "silu") == "silu", "only SwiGLU ('silu') is supported"),
              ("pretraining_tp", cfg.get("pretraining_tp", 1) == 1, "only pretraining_tp=1 is supported")]
-    for field, ok, why in rules:
+    if family in ("llama", "qwen3"):  # their attention_bias puts a bias on o_proj too
+        rules.append(("attention_bias", not cfg.get("attention_bias", False),
+                      "a bias on the output projection is not supported; qwen2's q/k/v biases are"))
+    if family == "mistral":
+        rules.append(("sliding_window", cfg.get("sliding_window") is None,
+                      "sliding-window attention is not supported; bigllm attends over the whole sequence"))
+    if family in ("qwen2", "qwen3"):
+        rules.append(("use_sliding_window", not cfg.get("use_sliding_window", False),
+                      "sliding-window attention is not supported; bigllm attends over the whole sequence"))
+    for key, ok, why in rules:
         if not ok:
-            raise CheckpointError(f"unsupported Hugging Face config: {field}={cfg.get(field)!r} ({why})")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        raise CheckpointError(f"unsupported Hugging Face config: head_dim={head_dim} is not "
-                              "hidden_size / num_attention_heads")
+            _refuse(key, cfg.get(key), why)
+    rope_from_hf(cfg)
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
-    """bigllm ModelConfig of a (supported) HF Llama config.json."""
+    """bigllm ModelConfig of a (supported) HF config.json."""
     check_supported(cfg)
     vocab = int(cfg["vocab_size"])
     divisor = next(d for d in (64, 32, 16, 8, 4, 2, 1) if vocab % d == 0)  # pad only when tp needs it
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    theta, scaling = rope_from_hf(cfg)
+    max_positions = int(cfg.get("max_position_embeddings", 2048))
     return ModelConfig(
-        hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        ffn_hidden_size=cfg["intermediate_size"], seq_length=min(int(cfg.get("max_position_embeddings", 2048)), 2048),
-        vocab_size=vocab, make_vocab_size_divisible_by=divisor, rope_theta=_rope_theta(cfg),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim if head_dim and head_dim * heads != cfg["hidden_size"] else None,
+        ffn_hidden_size=cfg["intermediate_size"], seq_length=min(max_positions, 2048),
+        max_position_embeddings=max_positions, vocab_size=vocab, make_vocab_size_divisible_by=divisor,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=cfg["model_type"] == "qwen2",
+        qk_norm=cfg["model_type"] == "qwen3", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), family=cfg["model_type"])

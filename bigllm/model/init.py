@@ -46,6 +46,9 @@ def initialize(module: torch.nn.Module, prefix: str, seed: int, std: float, num_
         if sigma is None:
             param.fill_(1.0)  # norm weights
             continue
+        if sigma == 0.0:
+            param.zero_()  # biases
+            continue
         generator = torch.Generator(device=param.device).manual_seed(tensor_seed(seed, name))
         full = torch.empty(structure.full_shape(name, tuple(param.shape), tp), device=param.device,
                            dtype=torch.float32)

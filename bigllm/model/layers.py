@@ -8,7 +8,8 @@ tensor-parallel linears (qkv, proj, fc1, fc2) and MLP, with two modules of ours:
   on CPU), `is_causal` when no mask is given (training), grouped-query attention without
   repeating k/v (`enable_gqa`), dropout drawn from megatron's RNG tracker so that activation
   recompute and resume replay the same masks.
-- `RMSNorm`, which (unlike megatron's torch-norm wrapper) runs under sequence parallelism.
+- `RMSNorm`, which (unlike megatron's torch-norm wrapper) runs under sequence parallelism, and
+  `HeadRMSNorm`, the same over each head's query and key (qk-norm, megatron's q/k_layernorm).
 
 The state-dict keys are those of megatron's local spec (`input_layernorm.weight`,
 `self_attention.linear_qkv.weight`, ...), so checkpoints and conversions do not change.
@@ -158,20 +159,36 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
         self.eps = eps
-        self.sequence_parallel = config.sequence_parallel
+        self.partial_grad = config.sequence_parallel  # each tp rank sees part of what the weight scales
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        self.weight.sequence_parallel = self.sequence_parallel  # Megatron's marker for such weights
+        self.weight.sequence_parallel = config.sequence_parallel  # Megatron's marker for such weights
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if self.sequence_parallel:
+        if self.partial_grad:
             weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
         return F.rms_norm(hidden, (hidden.size(-1),), weight, self.eps)
 
 
-def layer_spec() -> ModuleSpec:
-    """A Llama decoder layer: RMSNorm, causal GQA self-attention (SDPA), RMSNorm, SwiGLU MLP."""
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over each head's query or key: [s, b, heads/tp, d] -> the same, weight [d].
+
+    The weight is the same on every tp rank but each rank normalises other heads, so its gradient
+    is always a partial sum over tp, completed in autograd as RMSNorm's is under sequence
+    parallelism (Megatron-LM all-reduces qk-layernorm gradients over tp in finalize_model_grads).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(config, hidden_size, eps)
+        self.partial_grad = config.tensor_model_parallel_size > 1
+        self.weight.sequence_parallel = False
+
+
+def layer_spec(qk_norm: bool = False) -> ModuleSpec:
+    """A Llama decoder layer: RMSNorm, causal GQA self-attention (SDPA; per-head q/k RMSNorm with
+    `qk_norm`, which megatron applies when its config has qk_layernorm), RMSNorm, SwiGLU MLP."""
+    head_norm = HeadRMSNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -183,8 +200,8 @@ def layer_spec() -> ModuleSpec:
                     linear_qkv=tensor_parallel.ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=tensor_parallel.RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=head_norm,
+                    k_layernorm=head_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -49,6 +49,8 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
         num_query_groups=cfg.kv_heads,
         ffn_hidden_size=cfg.ffn_size,
         kv_channels=cfg.head_size,
+        add_qkv_bias=cfg.qkv_bias,
+        qk_layernorm=cfg.qk_norm,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True,  # SwiGLU: silu(x W_gate) * (x W_up)
@@ -72,6 +74,23 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
         masked_softmax_fusion=False,
         persist_layer_norm=False,
     )
+
+
+def rotary_embedding(cfg: ModelConfig, kv_channels: int) -> RotaryEmbedding:
+    """megatron-core's RoPE with the config's base and scaling: `linear` divides positions by the
+    factor (megatron's seq_len_interpolation_factor); `llama3` scales the frequencies with
+    megatron's Llama-3 rule, at the band the config gives (megatron's `rope_scaling=True` fixes it
+    at Llama 3's 1, 4 and 8192)."""
+    scaling = cfg.rope_scaling
+    rope = RotaryEmbedding(kv_channels=kv_channels, rotary_percent=1.0, rotary_base=int(cfg.rope_theta),
+                           seq_len_interpolation_factor=scaling.factor if scaling.type == "linear" else None,
+                           use_cpu_initialization=False)
+    if scaling.type == "llama3":
+        rope.inv_freq = rope._apply_scaling(rope.inv_freq, factor=scaling.factor,
+                                            low_freq_factor=scaling.low_freq_factor,
+                                            high_freq_factor=scaling.high_freq_factor,
+                                            original_max_position_embeddings=scaling.original_max_position_embeddings)
+    return rope
 
 
 def _sequence_parallel_rng(tcfg: TransformerConfig):
@@ -108,14 +127,12 @@ class Embedding(torch.nn.Module):
 class Block(torch.nn.Module):
     """One decoder layer: megatron's TransformerLayer (bigllm's spec) with RoPE, causal."""
 
-    def __init__(self, tcfg: TransformerConfig, layer_number: int, rope_theta: float, seed: int,
-                 recompute: bool = False):
+    def __init__(self, tcfg: TransformerConfig, layer_number: int, cfg: ModelConfig, seed: int):
         super().__init__()
         self.tcfg = tcfg
-        self.layer = build_module(layer_spec(), config=tcfg, layer_number=layer_number)
-        self.rope = RotaryEmbedding(kv_channels=tcfg.kv_channels, rotary_percent=1.0,
-                                    rotary_base=int(rope_theta), use_cpu_initialization=False)
-        self.recompute = recompute
+        self.layer = build_module(layer_spec(cfg.qk_norm), config=tcfg, layer_number=layer_number)
+        self.rope = rotary_embedding(cfg, tcfg.kv_channels)
+        self.recompute = cfg.activation_checkpointing
         self._cp_angles: dict = {}
         initialize(self, f"blocks.{layer_number - 1}.", seed, tcfg.init_method_std, tcfg.num_layers)
 

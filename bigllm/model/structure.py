@@ -8,15 +8,19 @@ empty `_extra_state` entries), V the padded vocabulary, d the head size, nq/nkv 
     blocks.{i}.layer.self_attention.linear_proj.weight  [h, nq*d]
     blocks.{i}.layer.self_attention.linear_qkv.weight   [(nq + 2*nkv)*d, h]  per query group:
                                                         [q heads of the group; k; v]
+    blocks.{i}.layer.self_attention.linear_qkv.bias     [(nq + 2*nkv)*d]     (model.qkv_bias), the same order
+    blocks.{i}.layer.self_attention.q_layernorm.weight  [d]                  (model.qk_norm)
+    blocks.{i}.layer.self_attention.k_layernorm.weight  [d]                  (model.qk_norm)
     blocks.{i}.layer.pre_mlp_layernorm.weight           [h]
     blocks.{i}.layer.mlp.linear_fc1.weight              [2*f, h]    [gate; up]
     blocks.{i}.layer.mlp.linear_fc2.weight              [h, f]
     final_norm.norm.weight                              [h]
     head.output_layer.weight                            [V, h]      (absent when tied)
 
-Tensor parallelism (megatron-core): the embedding, head and qkv are cut along dim 0 (qkv groups
-are contiguous, so a plain chunk is a whole number of query groups); fc1 is cut per half, each
-rank holding [gate_r; up_r]; linear_proj and fc2 are cut along dim 1; norms are replicated.
+Tensor parallelism (megatron-core): the embedding, head, qkv and its bias are cut along dim 0
+(qkv groups are contiguous, so a plain chunk is a whole number of query groups); fc1 is cut per
+half, each rank holding [gate_r; up_r]; linear_proj and fc2 are cut along dim 1; norms (the
+per-head q/k norms too) are replicated.
 Pipeline parallelism (DeepSpeed PipelineModule): layer 0 = Embedding, 1..L = Block,
 L+1 = FinalNorm, L+2 = Head (or the tied Embedding), blocks balanced over stages.
 
@@ -37,19 +41,26 @@ from bigllm.errors import CheckpointError
 EMBED = "embedding.word_embeddings.weight"
 FINAL_NORM = "final_norm.norm.weight"
 HEAD = "head.output_layer.weight"
-# Parameter order inside one block (= registration order, which the optimizer state follows).
-BLOCK_KEYS = ("layer.input_layernorm.weight", "layer.self_attention.linear_proj.weight",
-              "layer.self_attention.linear_qkv.weight", "layer.pre_mlp_layernorm.weight",
-              "layer.mlp.linear_fc1.weight", "layer.mlp.linear_fc2.weight")
+QKV_BIAS = "layer.self_attention.linear_qkv.bias"
+QK_NORMS = ("layer.self_attention.q_layernorm.weight", "layer.self_attention.k_layernorm.weight")
 # megatron's linear layers carry an (empty) `_extra_state` entry that strict loading expects.
 _EXTRA_STATE_MODULES = ("linear_proj", "linear_qkv", "linear_fc1", "linear_fc2", "output_layer")
+
+
+def block_keys(cfg: ModelConfig) -> list[str]:
+    """Parameter names inside one block, in registration order (which the optimizer state follows)."""
+    keys = ["layer.input_layernorm.weight", "layer.self_attention.linear_proj.weight",
+            "layer.self_attention.linear_qkv.weight"]
+    keys += [QKV_BIAS] if cfg.qkv_bias else []
+    keys += list(QK_NORMS) if cfg.qk_norm else []
+    return keys + ["layer.pre_mlp_layernorm.weight", "layer.mlp.linear_fc1.weight", "layer.mlp.linear_fc2.weight"]
 
 
 def canonical_names(cfg: ModelConfig) -> list[str]:
     """All parameter names of the tp = pp = 1 model, in `CausalLM.parameters()` order."""
     names = [EMBED]
     for i in range(cfg.num_layers):
-        names += [f"blocks.{i}.{key}" for key in BLOCK_KEYS]
+        names += [f"blocks.{i}.{key}" for key in block_keys(cfg)]
     names.append(FINAL_NORM)
     if not cfg.tie_embeddings:
         names.append(HEAD)
@@ -59,9 +70,11 @@ def canonical_names(cfg: ModelConfig) -> list[str]:
 def full_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple]:
     """Canonical name -> full (tp = 1) shape, for the padded vocabulary `vocab_size`."""
     h, d = cfg.hidden_size, cfg.head_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.kv_heads) * d
     block = {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
              "layer.self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
-             "layer.self_attention.linear_qkv.weight": ((cfg.num_attention_heads + 2 * cfg.kv_heads) * d, h),
+             "layer.self_attention.linear_qkv.weight": (qkv, h), QKV_BIAS: (qkv,),
+             QK_NORMS[0]: (d,), QK_NORMS[1]: (d,),
              "layer.mlp.linear_fc1.weight": (2 * cfg.ffn_size, h), "layer.mlp.linear_fc2.weight": (h, cfg.ffn_size)}
     shapes = {}
     for name in canonical_names(cfg):
@@ -81,7 +94,7 @@ def tp_rule(name: str) -> str:
         return "glu"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "cols"
-    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight")):
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")):
         return "rows"
     return "replicated"
 
@@ -144,11 +157,13 @@ def extra_state_keys(names: list[str]) -> list[str]:
 
 # ----- initialisation --------------------------------------------------------------------------
 def init_std(name: str, std: float, num_layers: int) -> float | None:
-    """Standard deviation of a weight's normal init; None for norms (ones).
+    """Standard deviation of a weight's normal init; None for norms (ones), 0 for biases (zeros).
 
     Megatron's rule: the two projections that write into the residual stream (linear_proj,
     linear_fc2) get std / sqrt(2 * num_layers), so the residual's variance does not grow with depth.
     """
+    if name.endswith(".bias"):
+        return 0.0
     if tp_rule(name) == "replicated":
         return None
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
@@ -218,7 +233,7 @@ def stage_names(cfg: ModelConfig, pp: int, stage: int) -> list[str]:
             if not cfg.tie_embeddings:
                 names.append(EMBED if layer == 0 else HEAD)
         elif layer <= cfg.num_layers:
-            names += [f"blocks.{layer - 1}.{key}" for key in BLOCK_KEYS]
+            names += [f"blocks.{layer - 1}.{key}" for key in block_keys(cfg)]
         else:
             names.append(FINAL_NORM)
     return names

@@ -10,17 +10,11 @@ from bigllm.checkpoint import (Checkpoint, CheckpointMeta, Layout, checkpoint_ro
 from bigllm.config_loader import to_dict
 from bigllm.errors import CheckpointError
 from bigllm.model.sizes import resolve_vocab
+from bigllm.tokenizer import digest as tokenizer_digest
 
 # ModelConfig fields that decide the weights' shapes (a checkpoint with others is another model).
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "kv_heads", "head_size", "ffn_size",
-                "tie_embeddings")
-
-
-def tokenizer_digest(tokenizer_dir: str) -> str | None:
-    import hashlib
-
-    model = Path(tokenizer_dir) / "tokenizer.model"
-    return hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else None
+                "tie_embeddings", "qkv_bias", "qk_norm")
 
 
 def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
@@ -147,9 +141,25 @@ class Checkpointer:
                    "moments from the source shards, RNG streams re-seeded from train.seed and the step")
         step, consumed = int(client["step"]), int(client["consumed_samples"])
         self.saved_step = step  # that checkpoint exists: never rewrite it (in another layout) at this step
-        self.say(f"resumed from {tag_dir} at step {step} ({consumed} samples consumed) in "
-                 f"{time.perf_counter() - t0:.2f} s{how}")
+        seconds = time.perf_counter() - t0
+        how += self._follow_schedule(meta, step)
+        self.say(f"resumed from {tag_dir} at step {step} ({consumed} samples consumed) in {seconds:.2f} s{how}")
         return step, consumed
+
+    def _follow_schedule(self, meta: CheckpointMeta, step: int) -> str:
+        """The run's optimizer settings and schedule, not the checkpoint's, from `step` on; what the
+        resumed line says of it (nothing when they are unchanged: the resume is then exact)."""
+        from bigllm.optim import apply_schedule, schedule_changes
+
+        saved = run_config_from_dict(meta.config)
+        fresh = "; the optimizer starts fresh (imported weights, no AdamW state)" if (
+            step == 0 and (meta.converted or {}).get("from_hf")) else ""
+        changes = schedule_changes(saved.optim, saved.train.max_steps, self.cfg.optim, self.cfg.train.max_steps)
+        if not changes or self.engine.lr_scheduler is None:
+            return fresh
+        apply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.max_steps, step)
+        return f"{fresh}; the optimizer settings differ from the checkpoint's ({', '.join(changes)}): the new " \
+               f"schedule runs from step {step}"
 
     def _reseed(self, step: int) -> None:
         """After a layout change the saved RNG streams belong to other ranks: seed new ones per step."""

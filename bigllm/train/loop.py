@@ -59,12 +59,13 @@ def preflight(cfg: RunConfig):
 
 
 def load_tokenizer(cfg: RunConfig):
-    from bigllm.tokenizer import Tokenizer
+    """data.tokenizer: a SentencePiece tokenizer (bigllm tokenizer train) or a Hugging Face one."""
+    from bigllm.tokenizer import load_tokenizer as load
 
     if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).exists():
         raise ConfigError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist; "
                           "train one with `bigllm tokenizer train --output DIR`")
-    return Tokenizer.load(cfg.data.tokenizer)
+    return load(cfg.data.tokenizer)
 
 
 def model_vocab(cfg: RunConfig, tokenizer, tp: int):
@@ -208,6 +209,7 @@ class Trainer:
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             self.faults.maybe_hang(self.step + 1, self.ctx.rank)
+            lr = self.engine.get_lr()[0]  # what this step's update applies (the schedule moves after it)
             loss, stopping = self.steps.run(stream, self.step + 1, stop.check(timer.last_step_s,
                                                                           self.checkpointer.seconds))
             self.guard.update(loss)
@@ -216,7 +218,7 @@ class Trainer:
             losses.append(loss)
             timer.tick(time.perf_counter() - t0)
             if self.logger.should_log(self.step):
-                self.logger.log_step(self.step, self._scalars(timer, losses), self.ctx.device)
+                self.logger.log_step(self.step, self._scalars(timer, losses, lr), self.ctx.device)
                 losses = []
             if self.step < t.max_steps and validator.should_validate(self.step):
                 self._validate(validator)
@@ -246,8 +248,9 @@ class Trainer:
         self.logger.close()
         return EXIT_REQUEUE
 
-    def _scalars(self, timer, losses) -> dict:
-        scalars = {"loss": sum(losses) / max(len(losses), 1), "lr": self.engine.get_lr()[0]}
+    def _scalars(self, timer, losses, lr: float) -> dict:
+        """The interval's mean loss, the learning rate its last step applied, grad norm, throughput."""
+        scalars = {"loss": sum(losses) / max(len(losses), 1), "lr": lr}
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             scalars["grad_norm"] = float(norm)
