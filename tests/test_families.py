@@ -254,25 +254,39 @@ def features_reference(tokenizer_dir, shard_prefix, tmp_path_factory):
     (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1, "parallel.sequence_parallel": "true",
          "model.activation_checkpointing": "true"}),
     (4, {"parallel.tp": 2, "parallel.cp": 2, "parallel.zero_stage": 2}),
-], ids=["tp2xpp2-sp-recompute", "tp2xcp2-zero2"])
+    (2, {"parallel.zero_stage": 3}),
+], ids=["tp2xpp2-sp-recompute", "tp2xcp2-zero2", "dp2-zero3"])
 def test_every_feature_matches_one_process(nproc, extra, features_reference, tokenizer_dir, shard_prefix, tmp_path):
     """q/k/v biases, qk-norm (its weight's gradient summed over tp), head_dim 48 (hidden 128 / 4
     heads would be 32), llama3 RoPE scaling and tied embeddings: the same losses (1e-5) and gradient
-    norms (1e-4) as one process, and the consolidated weights after training agree too (1e-4)."""
+    norms (1e-4) as one process, and the consolidated weights after training agree too (5e-4); the
+    tp2 x pp2 run resumes in one process (elastic) with the one-process run's next loss."""
     from bigllm.checkpoint import open_native
 
     run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **FEATURES, **extra))
     got, want = parity_record(tmp_path), parity_record(features_reference)
     assert sorted(got) == sorted(want)
+    # ZeRO-3 sums the squares of its partitions in another order: 1.1e-4 of the norm measured here
+    # (7.7e-5 for the plain model on another corpus); a wrong reduction doubles it
+    norm_rtol = 3e-4 if extra.get("parallel.zero_stage") == 3 else 1e-4
     for step in want:
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-5, (step, got[step], want[step])
-        assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) <= 1e-4 * want[step]["grad_norm"], step
+        assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) <= norm_rtol * want[step]["grad_norm"], step
     a, b = open_native(tmp_path).weights(), open_native(features_reference).weights()
     assert list(a) == list(b)
-    # Adam's normalised updates carry float reassociation into the weights: 3e-5 after 6 steps
-    # at lr 3e-3 (measured); a gradient summed over the wrong group moves them by ~lr per step
+    if extra.get("parallel.pp") == 2:  # elastic resume of this tp2 x pp2 run in one process, one more step
+        more = {**PARITY, **FEATURES, "train.max_steps": PARITY["train.max_steps"] + 1}
+        resumed = run_ok(1, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **more))
+        assert "resharded from tp=2 pp=2" in resumed.stdout
+        ref = tmp_path.parent / f"{tmp_path.name}-ref"
+        shutil.copytree(features_reference, ref)
+        run_ok(1, base_overrides(tokenizer_dir, shard_prefix, ref, **more))
+        step = more["train.max_steps"]
+        assert abs(train_losses(tmp_path)[step] - train_losses(ref)[step]) <= 1e-5
+    # Adam's normalised updates carry float reassociation into the weights: up to 1.04e-4 after 6
+    # steps at lr 3e-3 (measured, ZeRO-3); a gradient summed over the wrong group moves them by ~lr a step
     worst = {k: float((a[k] - b[k]).abs().max()) for k in a}
-    assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
+    assert max(worst.values()) <= 5e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
 
 
 # ----- bad input ------------------------------------------------------------------------------
