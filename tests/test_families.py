@@ -365,3 +365,29 @@ def test_byte_level_word_cache_equals_the_library(style, small_data):
     want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     assert [g.tolist() for g in got] == want
     assert 0 < stats.whole_docs < len(texts) and stats.words > 0 and 0 < stats.hit_rate < 1
+
+
+def test_harness_with_a_hugging_face_tokenizer_equals_lm_evals_hf_model(imported, monkeypatch):
+    """`bigllm evaluate harness` on the imported Qwen3 run (its tokenizer.json) scores what lm-eval's own
+    `hf` model scores on the source directory: every choice's log-likelihood and the rolling perplexity."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from bigllm.evaluate.harness import run_harness
+    from bigllm.evaluate.loading import load_lm
+    from train_utils import ROOT
+
+    _, path, run = imported("qwen3")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)  # the tasks' data_files are relative to the repository root
+    tasks, include = ["bigllm_mc", "bigllm_text"], str(ROOT / "tests" / "harness_tasks")
+    ours = run_harness(load_lm(run, device="cpu"), tasks, include, limit=8, batch_size=4, log_samples=True)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32", tasks=tasks,
+                                     task_manager=TaskManager(include_path=include), device="cpu", batch_size=4,
+                                     limit=8, log_samples=True)
+    lls = [[ll for s in r["samples"]["bigllm_mc"] for ll, _ in s["filtered_resps"]] for r in (ours, theirs)]
+    assert len(lls[0]) == len(lls[1]) > 0
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(*lls)), list(zip(*lls))[:5]
+    key = "byte_perplexity,none"
+    assert ours["results"]["bigllm_text"][key] == pytest.approx(theirs["results"]["bigllm_text"][key], rel=1e-4)
