@@ -13,7 +13,9 @@ def register(sub) -> None:
                      help="corpus files: .jsonl, .jsonl.gz, .txt, .txt.gz, .parquet or a datasets.save_to_disk dir")
     src.add_argument("--merge", nargs="+", metavar="PREFIX", help="merge these shard prefixes, in order")
     p.add_argument("--output-prefix", required=True, help="write OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory: from 'bigllm tokenizer train' (SentencePiece), or a model's Hugging Face tokenizer.json with its tokenizer_config.json (e.g. RUN_DIR/tokenizer after 'bigllm convert from-hf')")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory: from 'bigllm tokenizer train' (SentencePiece), or a model's Hugging Face "
+                   "tokenizer.json with its tokenizer_config.json (RUN_DIR/tokenizer after 'bigllm convert from-hf')")
     p.add_argument("--json-key", default="text", help="document field of jsonl/parquet/HF inputs (default: text)")
     p.add_argument("--workers", type=int, default=1,
                    help="encoding processes: this one and N-1 forked (output is identical for any N)")
