@@ -6,11 +6,10 @@ original run read next (checked by the sample indices each rank traces)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from train_utils import TINY, bigllm_cli, run_ok, small_overrides, torchrun, train_losses
+from train_utils import TINY, bigllm_cli, cut_back, run_ok, small_overrides, torchrun, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -40,22 +39,6 @@ def source(small_data, tmp_path_factory):
         return made[key]
 
     return get
-
-
-def cut_back(run_dir, out, step: int):
-    """A copy of `run_dir` as it was right after the save at `step` (later checkpoints and logs dropped)."""
-    shutil.copytree(run_dir, out)
-    root = out / "checkpoints"
-    for tag in root.glob("step_*"):
-        if int(tag.name.split("_")[1]) > step:
-            shutil.rmtree(tag)
-    (root / "latest").write_text(f"step_{step:07d}")
-    log = out / "train_log.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
-                           if json.loads(line).get("step", 0) <= step))
-    for trace in out.glob("samples_rank*.jsonl"):
-        trace.unlink()
-    return out
 
 
 def traced(run_dir) -> list[list[int]]:

@@ -3,17 +3,16 @@ hangs, bad numbers, untrusted checkpoint files."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from train_utils import plant_malicious_pickle, TINY, base_overrides, launch, run_ok, torchrun, train_losses
+from train_utils import (TINY, base_overrides, launch, plant_malicious_pickle, run_ok, torchrun, train_losses,
+                         wait_for_step, workers_of)
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -25,36 +24,6 @@ def _launch(nproc: int, overrides: list[str], **env) -> subprocess.Popen:
     return launch(nproc, ["train", TINY, *overrides], env_extra=env, popen=True)
 
 
-def _workers(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the torchrun workers below a launcher (read from /proc)."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == launcher_pid:
-            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
-            if b"RANK" in env:
-                out[int(env[b"RANK"])] = int(entry.name)
-    return out
-
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        log = run_dir / "train_log.jsonl"
-        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l):
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"run did not reach step {step}")
-
-
 def _crash_and_resume(nproc, layout: dict, kill_all: bool, tokenizer_dir, shard_prefix, tmp_path):
     extra = {"train.max_steps": STEPS, "train.save_interval": 1, "model.dropout": 0.1, **layout}
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
@@ -64,8 +33,8 @@ def _crash_and_resume(nproc, layout: dict, kill_all: bool, tokenizer_dir, shard_
     kill_step = rng.randint(2, STEPS - 2)
     print(f"kill at step {kill_step} (seed {seed}; rerun with BIGLLM_TEST_SEED={seed})")
     proc = _launch(nproc, base_overrides(tokenizer_dir, shard_prefix, crash_dir, **extra))
-    _wait_for_step(crash_dir, kill_step, proc)
-    workers = _workers(proc.pid)
+    wait_for_step(crash_dir, kill_step, proc)
+    workers = workers_of(proc.pid)
     victims = list(workers.values()) if kill_all else [workers[rng.randrange(nproc)]]
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -130,7 +99,7 @@ def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
                 seen["error"], seen["line"] = time.time(), line
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
-    _wait_for_step(tmp_path, 2, proc)
+    wait_for_step(tmp_path, 2, proc)
     hang = time.time()
     proc.wait(timeout=240)
     reader.join(timeout=30)

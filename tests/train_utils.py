@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,3 +303,50 @@ def plant_malicious_pickle(tag_dir: Path, marker: Path) -> Path:
     meta["manifest"][target.name] = target.stat().st_size
     (Path(tag_dir) / "meta.json").write_text(json.dumps(meta))
     return target
+
+
+# ----- runs interrupted and resumed ----------------------------------------------------------------
+def cut_back(run_dir, out, step: int):
+    """A copy of `run_dir` as it was right after the save at `step` (later checkpoints and logs dropped)."""
+    shutil.copytree(run_dir, out)
+    root = out / "checkpoints"
+    for tag in root.glob("step_*"):
+        if int(tag.name.split("_")[1]) > step:
+            shutil.rmtree(tag)
+    (root / "latest").write_text(f"step_{step:07d}")
+    log = out / "train_log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line).get("step", 0) <= step))
+    for trace in out.glob("samples_rank*.jsonl"):
+        trace.unlink()
+    return out
+
+
+def workers_of(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the torchrun workers below a launcher (read from /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher_pid:
+            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+            if b"RANK" in env:
+                out[int(env[b"RANK"])] = int(entry.name)
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = run_dir / "train_log.jsonl"
+        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}")
