@@ -36,6 +36,87 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts on megatron-core's MoE layer (`TopKRouter`, token dispatcher, experts):
+    each MoE layer's MLP becomes `num_experts` SwiGLU experts of which a router picks `top_k`
+    per token, plus an optional shared expert every token passes through."""
+
+    # Routed experts per MoE layer; 0 is a dense model.
+    num_experts: int = 0
+    top_k: int = 2
+    # Inner size of each routed expert's SwiGLU; null means model.ffn_hidden_size.
+    ffn_hidden_size: Optional[int] = None
+    # Inner size of the shared expert (DeepSeek, Qwen2-MoE); 0 means none.
+    shared_expert_ffn_hidden_size: int = 0
+    # Tokens an expert takes per micro-batch, as a multiple of its even share (top_k x tokens /
+    # experts); the rest are dropped (their MoE output is zero, the residual carries them).
+    # null is dropless: every routed token is computed.
+    capacity_factor: Optional[float] = None
+    # Router scores: "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3).
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # The top-k weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob). With softmax, false takes
+    # the top k of the softmax over all experts (megatron's moe_router_pre_softmax). Sigmoid
+    # scores are always normalised (megatron's rule for top_k > 1).
+    normalize_top_k: bool = True
+    # Multiplies the top-k weights (DeepSeek-V3's routed_scaling_factor); null is 1.
+    top_k_scaling: Optional[float] = None
+    # Load balancing (megatron's moe_router_load_balancing_type): "aux_loss" over each micro-batch
+    # (Switch / GShard), "seq_aux_loss" per sequence (DeepSeek-V3), "global_aux_loss" over the
+    # step's micro-batches and data-parallel ranks, "none". Weighted by aux_loss_coeff.
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = 0.0
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores when
+    # choosing experts, moved by expert_bias_update_rate after each step towards the even load.
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    # Router z-loss (ST-MoE): keeps the router's logits small; 0 disables.
+    z_loss_coeff: float = 0.0
+    # 0-based layers whose MLP stays dense (model.ffn_hidden_size), e.g. [0, 1, 2] for
+    # DeepSeek-V3's first three; all other layers are MoE layers.
+    dense_layers: list[int] = field(default_factory=list)
+    # megatron's token dispatcher: "allgather" (any device) or "alltoall" (CUDA: fewer bytes moved
+    # at large expert parallelism).
+    dispatcher: Literal["allgather", "alltoall"] = "allgather"
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def validate(self, num_layers: int) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+        if not self.enabled:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts="
+                              f"{self.num_experts}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            raise ConfigError(f"model.moe.ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor={self.capacity_factor} cannot hold any token; use a "
+                              "positive factor (1.0 = each expert's even share) or null for dropless routing")
+        if self.score_function == "softmax" and self.top_k == 1 and self.normalize_top_k:
+            raise ConfigError("model.moe.top_k=1 with softmax routing needs model.moe.normalize_top_k=false (the "
+                              "weight of one normalised expert is always 1 and teaches the router nothing)")
+        if self.score_function == "sigmoid" and not self.normalize_top_k and self.top_k > 1:
+            raise ConfigError("model.moe.normalize_top_k=false is for softmax routing: megatron always normalises "
+                              "sigmoid top-k weights; set model.moe.normalize_top_k=true")
+        if self.expert_bias and self.score_function != "sigmoid":
+            raise ConfigError("model.moe.expert_bias=true needs model.moe.score_function=sigmoid (megatron adds the "
+                              "bias to sigmoid scores only, as DeepSeek-V3 does)")
+        if self.load_balancing == "none" and self.aux_loss_coeff:
+            raise ConfigError(f"model.moe.aux_loss_coeff={self.aux_loss_coeff} with model.moe.load_balancing=none; "
+                              "choose aux_loss, seq_aux_loss or global_aux_loss, or set the coefficient to 0")
+        for name in ("aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        bad = [i for i in self.dense_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"model.moe.dense_layers {bad} are not layers of a {num_layers}-layer model "
+                              f"(0-based: 0..{num_layers - 1})")
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention; optional q/k/v biases
     (Qwen2), per-head q/k RMSNorm (Qwen3), a head size apart from hidden / heads, RoPE scaling."""
@@ -68,12 +149,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     # The Hugging Face family the model converts to and from (`bigllm convert to-hf` writes its
     # model_type and architecture): the features above decide the math, this only the name.
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    # Mixture-of-experts models convert as "mixtral" or "qwen3_moe".
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"] = "llama"
     # Dropout on attention probabilities and on residual branches.
     dropout: float = 0.0
     init_std: float = 0.02
     # Recompute each transformer block in backward (saves activation memory).
     activation_checkpointing: bool = False
+    # Mixture of experts (model.moe.num_experts > 0); dense by default.
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -89,6 +173,15 @@ class ModelConfig:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
         return 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Inner size of one routed expert (model.moe.ffn_hidden_size, else the dense one)."""
+        return self.moe.ffn_hidden_size or self.ffn_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based layer `layer` has routed experts (megatron's moe_layer_freq pattern)."""
+        return self.moe.enabled and layer not in self.moe.dense_layers
 
     def validate(self) -> None:
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -106,6 +199,10 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         self.rope_scaling.validate()
+        self.moe.validate(self.num_layers)
+        if self.family in ("mixtral", "qwen3_moe") and not self.moe.enabled:
+            raise ConfigError(f"model.family={self.family} is a mixture-of-experts family; set model.moe.num_experts "
+                              "or a dense family (llama, mistral, qwen2, qwen3)")
 
 
 @dataclass
@@ -142,6 +239,10 @@ class ParallelConfig:
     # attention swaps sequence for heads with two all-to-alls, so the activations of a long sequence
     # are divided by cp. Needs the heads and kv-heads of each tp rank divisible by cp.
     cp: int = 1
+    # Expert parallelism: each MoE layer's experts are shared out over ep ranks carved from the
+    # data-parallel ranks (dp x cp); an expert's gradients are reduced, and its ZeRO state sharded,
+    # over the ranks that hold the same experts (dp x cp / ep of them). Needs model.moe.
+    ep: int = 1
     # ZeRO stage of the optimizer state sharding (DeepSpeed); pp > 1 allows 0 or 1 only.
     zero_stage: Literal[0, 1, 2, 3] = 0
     # Megatron-style sequence parallelism (needs tp > 1): between the tensor-parallel regions
@@ -152,9 +253,9 @@ class ParallelConfig:
     timeout_s: float = 600.0
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1 or self.cp < 1:
-            raise ConfigError(f"parallel.tp, parallel.pp and parallel.cp must be >= 1, got tp={self.tp}, "
-                              f"pp={self.pp}, cp={self.cp}")
+        if self.tp < 1 or self.pp < 1 or self.cp < 1 or self.ep < 1:
+            raise ConfigError(f"parallel.tp, parallel.pp, parallel.cp and parallel.ep must be >= 1, got tp={self.tp}, "
+                              f"pp={self.pp}, cp={self.cp}, ep={self.ep}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it cuts the sequence over "
                               "the tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")
@@ -269,9 +370,36 @@ class RunConfig:
         if m.num_layers < p.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is fewer than the parallel.pp={p.pp} "
                               "pipeline stages; use more layers or fewer stages")
+        if m.moe.enabled or p.ep > 1:
+            check_moe(m, p, self.train.precision)
         if self.train.nan_policy == "skip" and p.pp > 1:
             raise ConfigError("train.nan_policy=skip needs parallel.pp=1 (DeepSpeed's pipeline engine applies the "
                               "whole step at once); use train.nan_policy=stop with pipeline parallelism")
+
+
+def check_moe(m: ModelConfig, p: ParallelConfig, precision: str) -> None:
+    """What megatron's MoE layer and DeepSpeed's expert groups need of the layout."""
+    moe = m.moe
+    if p.ep > 1 and not moe.enabled:
+        raise ConfigError(f"parallel.ep={p.ep} needs a mixture-of-experts model: set model.moe.num_experts, or "
+                          "parallel.ep=1 for a dense model")
+    if moe.num_experts % p.ep:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: each ep "
+                          "rank holds an equal share of the experts; use an ep that divides the experts")
+    if m.expert_ffn_size % p.tp or (moe.shared_expert_ffn_hidden_size % p.tp):
+        raise ConfigError(f"the expert sizes model.moe.ffn_hidden_size={m.expert_ffn_size} and "
+                          f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must be "
+                          f"divisible by parallel.tp={p.tp} (experts are tensor-parallel like the dense MLP)")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError(f"a mixture-of-experts model at parallel.tp={p.tp} needs parallel.sequence_parallel=true: "
+                          "megatron's MoE layer routes each tp rank's slice of the sequence")
+    if p.ep > 1 and p.zero_stage in (0, 3):
+        raise ConfigError(f"parallel.ep={p.ep} with parallel.zero_stage={p.zero_stage}: expert parallelism runs on "
+                          "DeepSpeed's ZeRO-1/2 expert groups (they keep each expert's optimizer state); use "
+                          "parallel.zero_stage=1 (2 without pipeline parallelism), or parallel.ep=1")
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 with a mixture-of-experts model: the router's auxiliary losses are "
+                          "not scaled with fp16's dynamic loss scale; use train.precision=bf16")
 
 
 def check_context_parallel(m: ModelConfig, p: ParallelConfig, seq_length: int, seq_name: str = "model.seq_length",

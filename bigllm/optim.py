@@ -19,14 +19,27 @@ from bigllm.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms (1-D weights) are not decayed."""
-    decay, no_decay = [], []
+    """Weight decay on matrices only; norms (1-D weights) are not decayed.
+
+    Expert-parallel weights (parallel.ep > 1: each ep rank holds other experts, see
+    `bigllm.parallel.experts`) form a third group, marked as DeepSpeed's MoE support expects
+    (`moe`, `name` = their DeepSpeed group), so that ZeRO reduces and shards them over their own
+    ranks. `decay` records which groups weight decay applies to (`apply_schedule`).
+    """
+    decay, no_decay, experts = [], [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if getattr(param, "allreduce", True) is False:  # DeepSpeed's and megatron's expert mark
+            experts.append(param)
+        else:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "decay": True, "moe": True,
+                       "name": experts[0].group_name})
     return groups
 
 
@@ -73,10 +86,11 @@ def apply_schedule(scheduler, optim: OptimConfig, max_steps: int, step: int) -> 
     `step` on: a resumed checkpoint's groups and scheduler carry the old run's lr, betas, eps and
     weight decay, and LambdaLR scales its saved base lr by the new schedule's shape."""
     factor = lr_lambda(optim, max_steps)
-    groups = scheduler.optimizer.param_groups  # bigllm's order: decayed matrices, then the rest
+    groups = scheduler.optimizer.param_groups  # `param_groups`' order: decayed matrices, norms, experts
     for i, group in enumerate(groups):
+        decayed = group.get("decay", i == 0)  # checkpoints before the key: matrices first, then norms
         group.update(initial_lr=optim.lr, lr=optim.lr * factor(step), betas=(optim.beta1, optim.beta2),
-                     eps=optim.eps, weight_decay=optim.weight_decay if i == 0 else 0.0)
+                     eps=optim.eps, weight_decay=optim.weight_decay if decayed else 0.0)
     scheduler.base_lrs = [optim.lr] * len(groups)
     scheduler.lr_lambdas = [factor] * len(groups)
     scheduler.last_epoch = step

@@ -142,7 +142,7 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.parallel
-    dims = ParallelDims.from_world(world_size, p.tp, p.pp, p.cp)
+    dims = ParallelDims.from_world(world_size, p.tp, p.pp, p.cp, p.ep)
     grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
     vocab = sizes.resolve_vocab(m, tokenizer_vocab(cfg), p.tp, tokenizer=f"data.tokenizer '{cfg.data.tokenizer}'").padded
     per_stage = sizes.params_per_rank(m, vocab, p.tp, p.pp)

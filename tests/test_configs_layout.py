@@ -18,7 +18,7 @@ from train_utils import ROOT
 
 # config -> (world size it targets, expected parameter count in millions at its own vocabulary, or
 # at a 32k one when it sets none): the open models' published sizes
-TARGETS = {"tiny.yaml": (4, 9), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
+TARGETS = {"tiny.yaml": (4, 9), "tiny-moe.yaml": (2, 9.178), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
            "llama-1b-32k.yaml": (8, 1100), "llama-7b.yaml": (32, 6738), "llama-3.1-8b.yaml": (8, 8030),
            "qwen2.5-7b.yaml": (8, 7616), "qwen3-8b.yaml": (8, 8191)}
 
@@ -27,7 +27,7 @@ TARGETS = {"tiny.yaml": (4, 9), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8
 def test_config_fits_its_cluster(name):
     cfg = load_config(RunConfig, ROOT / "configs" / name)
     world, millions = TARGETS[name]
-    dims = ParallelDims.from_world(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
+    dims = ParallelDims.from_world(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep)
     ds = deepspeed_config(cfg, dims)
     # DeepSpeed's data-parallel ranks are dp x cp; for it a cp slice of a sequence is a sample
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * \

@@ -1,9 +1,10 @@
-"""The open model families (Llama 3.x, Mistral, Qwen2, Qwen3) and their Hugging Face tokenizers.
+"""The open model families (Llama 3.x, Mistral, Qwen2, Qwen3; the mixtures of experts Mixtral and
+Qwen3-MoE) and their Hugging Face tokenizers.
 
 Each family is a random model that transformers builds from a small config of that family (with
 its features switched on: llama3 RoPE scaling and tied embeddings, linear RoPE scaling, q/k/v
-biases, per-head q/k norms with a head size apart from hidden / heads), non-trivial biases and
-norms, saved with a byte-level BPE tokenizer.json trained here with the `tokenizers` library.
+biases, per-head q/k norms with a head size apart from hidden / heads; experts with renormalised
+and raw top-k weights and a dense first layer), non-trivial biases, norms and routers, saved with a byte-level BPE tokenizer.json trained here with the `tokenizers` library.
 Checked against transformers: logits (fp32, 1e-5), the round trip (tensor-exact, the same
 model_type and architecture), `bigllm evaluate perplexity` against transformers' own
 sliding-window loop, greedy `bigllm generate` against transformers' `generate`. Then continued
@@ -37,6 +38,14 @@ FAMILIES = {
         sliding_window=None, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e6)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True, rope_theta=1e6)),
+    # Mixtral: 4 experts of inner size 160 (its intermediate_size), top-2 renormalised.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=None, router_jitter_noise=0.0)),
+    # Qwen3-MoE: a dense first layer (mlp_only_layers, intermediate_size 160), 4 experts of 48,
+    # top-2 of the softmax over all experts without renormalising (norm_topk_prob false), qk-norm.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0],
+        decoder_sparse_step=1, head_dim=24, rope_theta=1e6)),
 }
 
 
@@ -65,11 +74,13 @@ def family_model(family: str, root: Path, bpe: Path):
 
     config_class, model_class, extra = FAMILIES[family]
     torch.manual_seed(0)
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**COMMON, **extra))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**COMMON, **extra}))
     with torch.no_grad():  # non-trivial biases and norms, so that a wrong mapping shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0.0, 0.3)
+            if name.endswith("gate.weight"):  # routers: decisive scores, so each token's experts are clear
+                p.normal_(0.0, 0.5)
     path = root / family
     model.eval().save_pretrained(path)
     for f in bpe.iterdir():

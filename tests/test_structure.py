@@ -148,16 +148,18 @@ def one_process():
     destroy_parallel()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_structure_table_is_the_real_model(tied, one_process):
+@pytest.mark.parametrize("kind", ["untied", "tied", "moe"])
+def test_structure_table_is_the_real_model(kind, one_process):
     """Names (in parameter order), full shapes and the parameter count of `structure` equal a built
-    CausalLM's; the init rule and tp rules cover every parameter."""
-    from bigllm.config import ModelConfig
+    CausalLM's; the init rule and tp rules cover every parameter. The MoE model has a dense first
+    layer and a shared expert, and its expert sizes differ from the dense MLP's."""
+    from bigllm.config import ModelConfig, MoEConfig
     from bigllm.model import sizes, structure
     from bigllm.model.build import CausalLM
 
+    moe = MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=32, shared_expert_ffn_hidden_size=48, dense_layers=[0])
     cfg = ModelConfig(hidden_size=64, num_layers=3, num_attention_heads=4, num_kv_heads=2, seq_length=32,
-                      tie_embeddings=tied)
+                      tie_embeddings=kind == "tied", moe=moe if kind == "moe" else MoEConfig())
     vocab = sizes.padded_vocab_size(300, cfg, 2)
     model = CausalLM(cfg, vocab, tp=1, precision="fp32", seed=0)
     params = dict(model.named_parameters())

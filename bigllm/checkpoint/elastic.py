@@ -1,4 +1,4 @@
-"""Resuming a run at another layout (tp, pp, dp, ZeRO stage): each rank loads its own share.
+"""Resuming a run at another layout (tp, pp, dp, ep, ZeRO stage): each rank loads its own share.
 
     client = load_into(engine, src, tp_rank, tp, pp, num_layers)
 
@@ -87,23 +87,42 @@ def _set_zero0(engine, params: dict, weights: dict, moments: dict | None) -> Non
                                      for k in ("exp_avg", "exp_avg_sq")}}
 
 
-def _engine_params(engine, pp: int, num_layers: int, tp_rank: int, tp: int) -> dict:
-    """canonical name -> (parameter, cut: full tensor -> this rank's tp shard)."""
+def _engine_params(engine, pp: int, num_layers: int, tp_rank: int, tp: int, expert_offset: int = 0) -> dict:
+    """canonical name -> (parameter, cut: full tensor -> this rank's tp shard); an expert-parallel
+    rank's experts under their global numbers (its first is `expert_offset`)."""
     def cutter(name):
         return lambda full: structure.tp_shard(name, full, tp, tp_rank).contiguous()
 
     out = {}
     for local, param in engine.module.named_parameters():
-        name = structure.canonical_of_module_name(local, pp, num_layers)
+        name = structure.expert_name(structure.canonical_of_module_name(local, pp, num_layers), expert_offset)
         out[name] = (param, cutter(name))
     return out
+
+
+def _follow_groups(engine, groups: list[dict], sched: dict | None) -> None:
+    """The saved lr of each param group, and the LR scheduler's state. Every group follows one
+    schedule: groups the source run did not have (an expert group when ep changes from 1) take
+    group 0's."""
+    current = _base_optimizer(engine).param_groups
+    for i, group in enumerate(current):
+        saved = groups[i] if i < len(groups) else groups[0]
+        group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
+    if sched is not None and engine.lr_scheduler is not None:
+        sched = dict(sched)
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(sched.get(key), list) and sched[key]:
+                sched[key] = (sched[key] + [sched[key][0]] * len(current))[:len(current)]
+        engine.lr_scheduler.load_state_dict(sched)
 
 
 def load_into(engine, src: Checkpoint, tp_rank: int, tp: int, pp: int, reset_optimizer: bool = False) -> dict:
     """Load this rank's share of `src` into an engine built for another layout; return the client
     state ({'step', 'consumed_samples'}) as `engine_io.load` does."""
+    from bigllm.model.init import local_expert_offset
+
     num_layers = src.cfg.model.num_layers
-    params = _engine_params(engine, pp, num_layers, tp_rank, tp)
+    params = _engine_params(engine, pp, num_layers, tp_rank, tp, local_expert_offset(engine.module))
     weights, moments, groups, sched = src.rank_state(set(params), with_moments=not reset_optimizer)
     if moments is not None and not moments:
         moments = None  # saved before any optimizer step (an imported model): AdamW starts fresh
@@ -120,9 +139,6 @@ def load_into(engine, src: Checkpoint, tp_rank: int, tp: int, pp: int, reset_opt
             _set_zero0(engine, params, weights, moments)
     step = next(iter(moments.values()))["step"] if moments else 0.0
     _set_step(engine, step)
-    for group, saved in zip(_base_optimizer(engine).param_groups, groups):
-        group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
-    if sched is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(sched)
+    _follow_groups(engine, groups, sched)
     engine.global_steps, engine.global_samples = src.step, src.meta.consumed_samples
     return {"step": src.step, "consumed_samples": src.meta.consumed_samples}

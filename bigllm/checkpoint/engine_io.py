@@ -11,6 +11,8 @@ The format is `bigllm.checkpoint.format`'s; weights holding NaN/inf are never sa
 
 from __future__ import annotations
 
+import contextlib
+
 import shutil
 from pathlib import Path
 
@@ -18,8 +20,8 @@ import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue, AsyncRequest
 
 from bigllm.checkpoint import files
-from bigllm.checkpoint.format import (META, CheckpointMeta, checkpoint_root, rng_name, set_latest, tag_for, versions,
-                                      write_meta)
+from bigllm.checkpoint.format import (META, CheckpointMeta, checkpoint_root, expert_states_name, rng_name,
+                                      set_latest, tag_for, versions, write_meta)
 from bigllm.errors import CheckpointError
 
 
@@ -63,10 +65,66 @@ def _assert_finite(engine) -> None:
         raise CheckpointError(NON_FINITE)
 
 
+@contextlib.contextmanager
+def _dense_files(engine):
+    """DeepSpeed's engine writes and reads a model with its MoE layers in a layout of its own
+    (expert files keyed on its MoE layer, a pipeline's layers in one file). An expert-parallel
+    bigllm model keeps the dense model's files: experts' masters and moments are in the ZeRO
+    shards (`Layout`), so DeepSpeed saves and loads as if the model had no MoE layer."""
+    moe = engine.has_moe_layers
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = moe
+
+
+def _expert_file(tag_dir: Path) -> tuple[Path | None, bool]:
+    """(this rank's expert weights file, whether this rank writes it): ep ranks > 0 have one, written
+    by their first expert-data-parallel replica; None without expert parallelism or at ep rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_world_size() == 1 or ps.get_expert_model_parallel_rank() == 0:
+        return None, False
+    mp = ps.get_pipeline_model_parallel_rank() * ps.get_tensor_model_parallel_world_size() + \
+        ps.get_tensor_model_parallel_rank()
+    path = tag_dir / expert_states_name(ps.get_expert_model_parallel_rank(), mp)
+    return path, ps.get_expert_data_parallel_rank() == 0
+
+
+def _expert_params(engine) -> dict:
+    from bigllm.parallel.experts import is_expert
+
+    return {name: p for name, p in engine.module.named_parameters() if is_expert(p)}
+
+
 def _save_through_engine(engine, root: Path, meta: CheckpointMeta) -> None:
-    """DeepSpeed's engine saves this rank's shards (through bigllm's checkpoint engine)."""
-    engine.save_checkpoint(str(root), tag=tag_for(meta.step), save_latest=False,
-                           client_state={"step": meta.step, "consumed_samples": meta.consumed_samples})
+    """DeepSpeed's engine saves this rank's shards (through bigllm's checkpoint engine), and an
+    expert-parallel rank its experts' weights."""
+    with _dense_files(engine):
+        engine.save_checkpoint(str(root), tag=tag_for(meta.step), save_latest=False,
+                               client_state={"step": meta.step, "consumed_samples": meta.consumed_samples})
+    path, writer = _expert_file(root / tag_for(meta.step))
+    if writer:  # ZeRO's bit16 parameters are views of one flat buffer: write copies of these only
+        engine.checkpoint_engine.save({n: p.detach().clone() for n, p in _expert_params(engine).items()}, str(path))
+
+
+def _load_experts(engine, tag_dir: Path) -> None:
+    """DeepSpeed filled an expert-parallel rank's experts from the model files (ep rank 0's) and
+    their masters from this rank's shard; give the module the weights it saved."""
+    path, _ = _expert_file(tag_dir)
+    if path is None:
+        return
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} lacks {path.name}, the experts of this rank's layout; "
+                              "use a checkpoint saved completely")
+    saved, params = files.load_weights_only(path), _expert_params(engine)
+    if sorted(saved) != sorted(params):
+        raise CheckpointError(f"{path} holds other experts than this rank's layout has; the checkpoint does not "
+                              "match the run's config")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
 
 
 def _commit(root: Path, meta: CheckpointMeta) -> None:
@@ -277,11 +335,13 @@ def _prune(root: Path, keep_last: int) -> None:
 def load(engine, tag_dir: Path, rank: int, module_only: bool = False) -> dict:
     """Load this rank's weights (and unless module_only: optimizer, scheduler and RNG streams) from a
     verified tag dir; return DeepSpeed's client state."""
-    path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=module_only,
-                                          load_optimizer_states=not module_only,
-                                          load_lr_scheduler_states=not module_only)
+    with _dense_files(engine):  # an expert-parallel rank's experts come from its ZeRO shard's masters
+        path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=module_only,
+                                              load_optimizer_states=not module_only,
+                                              load_lr_scheduler_states=not module_only)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    _load_experts(engine, tag_dir)
     rng = tag_dir / rng_name(rank)
     if rng.is_file() and not module_only:
         _set_rng_state(files.load_weights_only(rng, mmap=False))

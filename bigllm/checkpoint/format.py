@@ -7,6 +7,7 @@
                                                        ZeRO-0 optimizer, engine counters
             zero_pp_rank_D_mp_rank_MM_model_states.pt  ZeRO-3's, one per data-parallel rank D
             layer_LL-model_TT-model_states.pt          pp > 1: pipeline layer LL's tp shard TT
+            expert_ep_EE_mp_rank_MM_model_states.pt    ep > 1: ep rank EE's expert weights (EE > 0)
             [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1/2/3 optimizer partitions
             rng_rank0.pt ...     per-rank RNG states (exact resume with dropout)
             meta.json            CheckpointMeta: config, tokenizer, layout, step, consumed samples,
@@ -54,6 +55,12 @@ def layer_states_name(layer: int, tp_rank: int) -> str:
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
+def expert_states_name(ep_rank: int, mp: int) -> str:
+    """Expert parallelism: the expert weights of ep rank `ep_rank` > 0 at model-parallel rank `mp`
+    (the model files hold ep rank 0's), for an exact resume at the same layout."""
+    return f"expert_ep_{ep_rank:02d}_mp_rank_{mp:02d}_model_states.pt"
+
+
 def rng_name(rank: int) -> str:
     """A rank's RNG streams (bigllm's file, beside DeepSpeed's)."""
     return f"rng_rank{rank}.pt"
@@ -72,32 +79,45 @@ class Layout:
     """How a checkpoint's files are cut: tensor x pipeline x data parallel, and the ZeRO stage.
 
     Context parallelism shards no weights; its cp ranks are DeepSpeed data-parallel ranks, so
-    ZeRO state is cut in dp x cp partitions (`dp_cp`)."""
+    ZeRO state is cut in dp x cp partitions (`dp_cp`).
+
+    Expert parallelism (ep > 1, ZeRO 1-2) shares out each MoE layer's experts over ep of those
+    dp x cp ranks. The model files then hold dp rank 0's experts only (DeepSpeed writes them from
+    dp rank 0); every expert's fp32 masters and moments are in the ZeRO shards: expert optimizer
+    groups (`moe` in their param group) are cut over the dp x cp / ep ranks holding the same experts,
+    and shard D belongs to ep rank D % ep (`expert_coords`)."""
 
     tp: int
     pp: int
     dp: int
     zero_stage: int = 0
     cp: int = 1
+    ep: int = 1
 
     @classmethod
     def of(cls, dims, zero_stage: int) -> "Layout":
         """The layout of a run's ParallelDims."""
-        return cls(dims.tp, dims.pp, dims.dp, zero_stage, dims.cp)
+        return cls(dims.tp, dims.pp, dims.dp, zero_stage, dims.cp, dims.ep)
 
     @property
     def dp_cp(self) -> int:
         """How many partitions ZeRO cut the optimizer state into."""
         return self.dp * self.cp
 
+    def expert_coords(self, d: int) -> tuple[int, int]:
+        """(ep rank, expert-data-parallel rank) of DeepSpeed data-parallel rank `d` (megatron's expert
+        rank order: ep runs fastest over the dp x cp ranks of a tp rank and stage)."""
+        return d % self.ep, d // self.ep
+
     def __str__(self) -> str:
         cp = f" cp={self.cp}" if self.cp > 1 else ""
-        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp} ZeRO-{self.zero_stage}"
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
+        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp}{ep} ZeRO-{self.zero_stage}"
 
     def same_files(self, other: "Layout") -> bool:
         """Whether DeepSpeed's own loader reads a checkpoint of this layout at `other`: the same
-        tp, pp and ZeRO stage, and the same dp x cp unless ZeRO-0 (whose files are dp-independent)."""
-        return ((self.tp, self.pp, self.zero_stage) == (other.tp, other.pp, other.zero_stage)
+        tp, pp, ep and ZeRO stage, and the same dp x cp unless ZeRO-0 (whose files are dp-independent)."""
+        return ((self.tp, self.pp, self.zero_stage, self.ep) == (other.tp, other.pp, other.zero_stage, other.ep)
                 and (self.dp_cp == other.dp_cp or self.zero_stage == 0))
 
 
@@ -132,7 +152,7 @@ class CheckpointMeta:
             layout = data["layout"]
             return cls(config=data["config"], layout=Layout(int(layout["tp"]), int(layout["pp"]),
                                                             int(layout.get("dp", 1)), int(layout.get("zero_stage", 0)),
-                                                            int(layout.get("cp", 1))),
+                                                            int(layout.get("cp", 1)), int(layout.get("ep", 1))),
                        step=int(data["step"]), consumed_samples=int(data.get("consumed_samples", 0)),
                        vocab_size=int(data["vocab_size"]), tokenizer_vocab_size=data.get("tokenizer_vocab_size"),
                        tokenizer=data.get("tokenizer") or "", tokenizer_sha256=data.get("tokenizer_sha256"),

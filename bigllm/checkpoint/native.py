@@ -76,7 +76,9 @@ class Checkpoint:
         """(canonical name, tp shards) in file order, from whichever files hold the weights; with
         `names`, only the files (pipeline stages, layers) that hold some of them are opened."""
         precision = self.cfg.train.precision
-        if self.zero_stage == 3 or (dtype == "fp32" and precision != "fp32" and self.zero_stage >= 1):
+        # Expert parallelism: only the ZeRO shards hold every ep rank's experts (`Layout`).
+        if self.zero_stage == 3 or self.meta.layout.ep > 1 or (dtype == "fp32" and precision != "fp32"
+                                                                and self.zero_stage >= 1):
             return zero.iter_masters(self, self.stages_holding(names), names)
         if self.pp > 1:
             return self._iter_pipeline(names)
@@ -206,5 +208,5 @@ class Checkpoint:
         """Provenance for reports and converted outputs."""
         return {"format": "bigllm", "checkpoint": str(self.tag_dir.resolve()), "step": self.step,
                 "layout": {"tp": self.tp, "pp": self.pp, "dp": self.meta.layout.dp, "cp": self.meta.layout.cp,
-                           "zero_stage": self.zero_stage},
+                           "ep": self.meta.layout.ep, "zero_stage": self.zero_stage},
                 "consumed_samples": self.meta.consumed_samples, "versions": self.meta.versions}

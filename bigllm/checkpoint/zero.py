@@ -92,13 +92,15 @@ def _numel(shape) -> int:
     return math.prod(shape)
 
 
-def _gather_sliced(optims: list[dict], flats: list[list[dict]], shapes: dict, keys: tuple) -> dict:
+def _gather_sliced(optims: list[dict], flats: list[list[dict]], shapes: dict, keys: tuple, rename=None) -> dict:
     """ZeRO-1/2: local name -> {key: tensor} for the parameters in `shapes`, each one's fragments
-    concatenated over dp ranks (only their bytes are read from the mapped shards)."""
+    concatenated over dp ranks (only their bytes are read from the mapped shards). `rename(d, g,
+    name)` names shard d's parameters of group g (expert parallelism: by the experts rank d holds)."""
     fragments: dict[str, list[tuple[int, int, int, int]]] = {}  # name -> [(dp rank, group, start, numel)]
     for d, optim in enumerate(optims):
         for g, mapping in enumerate(optim["param_slice_mappings"]):
             for name, address in mapping.items():
+                name = rename(d, g, name) if rename else name
                 fragments.setdefault(name, []).append((d, g, address.start, address.numel))
     out = {}
     for name, shape in shapes.items():
@@ -162,8 +164,32 @@ def read_rank(src, mp: int, keys: tuple, keep=None) -> tuple[dict, list[dict]]:
     if "fp32_flat_groups" in optims[0]:
         tensors = _gather_partitioned(flats, shapes, keys, paths[0], keep)
     else:
-        tensors = _gather_sliced(optims, flats, {n: s for n, s in shapes.items() if keep is None or keep(n)}, keys)
+        rename = None
+        if src.meta.layout.ep > 1:
+            shapes, rename = _expert_names(src, shapes, _group_settings(optims[0]))
+        tensors = _gather_sliced(optims, flats, {n: s for n, s in shapes.items() if keep is None or keep(n)}, keys,
+                                 rename)
     return tensors, _group_settings(optims[0])
+
+
+def _expert_names(src, shapes: dict, groups: list[dict]):
+    """Expert parallelism: (`shapes` with each local expert's entry repeated for the experts every
+    ep rank holds under it, in global numbering; `rename` for `_gather_sliced`). Shard d holds ep
+    rank `expert_coords(d)[0]`'s experts; its expert groups are the ones marked `moe`."""
+    layout, experts = src.meta.layout, src.cfg.model.moe.num_experts
+    per_rank = experts // layout.ep
+    moe = [bool(g.get("moe")) for g in groups]
+    out = {}
+    for name, shape in shapes.items():
+        if structure.expert_of(name) is None:
+            out[name] = shape
+        else:
+            out.update({structure.expert_name(name, e * per_rank): shape for e in range(layout.ep)})
+
+    def rename(d: int, g: int, name: str) -> str:
+        return structure.expert_name(name, layout.expert_coords(d)[0] * per_rank) if moe[g] else name
+
+    return out, rename
 
 
 def _group_settings(optim: dict) -> list[dict]:

@@ -21,9 +21,9 @@ class CausalLM(torch.nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, precision: str, seed: int,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, ep: int = 1):
         super().__init__()
-        tcfg = transformer_config(cfg, tp, precision, sequence_parallel)
+        tcfg = transformer_config(cfg, tp, precision, sequence_parallel, ep)
         self.embedding = Embedding(tcfg, vocab_size, seed)
         self.blocks = torch.nn.ModuleList(
             Block(tcfg, i + 1, cfg, seed) for i in range(cfg.num_layers))
@@ -56,13 +56,13 @@ def _pipeline_loss(logits, labels):
 
 
 def build_pipeline(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, dp: int, precision: str, seed: int,
-                   sequence_parallel: bool = False):
+                   sequence_parallel: bool = False, ep: int = 1):
     """A DeepSpeed PipelineModule: embedding on the first stage, blocks split evenly, norm and
     head on the last; a tied head shares the embedding table across first and last stage."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    tcfg = transformer_config(cfg, tp, precision, sequence_parallel)
+    tcfg = transformer_config(cfg, tp, precision, sequence_parallel, ep)
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seed, tied_weight_attr="word_embeddings.weight")
         last = TiedLayerSpec("embed", Embedding, tcfg, vocab_size, seed, forward_fn=tied_logits,
@@ -81,6 +81,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: i
                 sequence_parallel: bool = False):
     """The model for this rank: CausalLM when pp == 1, else this rank's pipeline stage."""
     if dims.pp == 1:
-        return CausalLM(cfg, vocab_size, dims.tp, precision, seed, sequence_parallel)
+        return CausalLM(cfg, vocab_size, dims.tp, precision, seed, sequence_parallel, dims.ep)
     # DeepSpeed's pipeline topology has no cp axis: cp ranks are data-parallel ranks to it (ParallelDims).
-    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp_cp, precision, seed, sequence_parallel)
+    return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp_cp, precision, seed, sequence_parallel,
+                          dims.ep)

@@ -26,6 +26,16 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def local_expert_offset(module: torch.nn.Module) -> int:
+    """The global index of this rank's first expert (ep_rank x experts per rank; 0 without ep)."""
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    for sub in module.modules():
+        if isinstance(sub, BaseMoELayer):
+            return sub.local_expert_indices[0]
+    return 0
+
+
 @torch.no_grad()
 def initialize(module: torch.nn.Module, prefix: str, seed: int, std: float, num_layers: int) -> None:
     """Fill every parameter of `module` (whose canonical names start with `prefix`) in place."""
@@ -34,8 +44,9 @@ def initialize(module: torch.nn.Module, prefix: str, seed: int, std: float, num_
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    expert_offset = local_expert_offset(module)
     for local_name, param in module.named_parameters():
-        name = prefix + local_name
+        name = structure.expert_name(prefix + local_name, expert_offset)
         rule = structure.tp_rule(name)
         # megatron-core < 0.19 marks its split weights only when it initialises them itself; DeepSpeed's
         # gradient norm counts a weight once per tp group unless it carries the mark.

@@ -10,6 +10,9 @@ tensor-parallel linears (qkv, proj, fc1, fc2) and MLP, with two modules of ours:
   recompute and resume replay the same masks.
 - `RMSNorm`, which (unlike megatron's torch-norm wrapper) runs under sequence parallelism, and
   `HeadRMSNorm`, the same over each head's query and key (qk-norm, megatron's q/k_layernorm).
+- `Router`, megatron's `TopKRouter` with the gating matmul bigllm needs (below), in the MoE
+  layers: megatron's `MoELayer` with its token dispatcher, `SequentialMLP` experts (one megatron
+  MLP per expert) and `SharedExpertMLP`.
 
 The state-dict keys are those of megatron's local spec (`input_layernorm.weight`,
 `self_attention.linear_qkv.weight`, ...), so checkpoints and conversions do not change.
@@ -28,7 +31,11 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 # torchtitan's order: cuDNN, then flash, then memory-efficient, then the math fallback. Each
@@ -185,10 +192,66 @@ class HeadRMSNorm(RMSNorm):
         self.weight.sequence_parallel = False
 
 
-def layer_spec(qk_norm: bool = False) -> ModuleSpec:
+class Router(TopKRouter):
+    """megatron's top-k router (scores, top-k, capacity, aux / seq-aux / z-losses, expert bias)
+    with bigllm's gating: logits [s, b, E] = hidden [s, b, h] @ weight[E, h]^T in fp32.
+
+    - Under sequence parallelism each tp rank routes its own s/tp tokens, so the weight's gradient
+      is a partial sum; the weight enters through `copy_to_tensor_model_parallel_region`, which
+      completes it in autograd (as RMSNorm does; Megatron-LM all-reduces it in finalize_model_grads).
+    - megatron-core 0.16 calls TransformerEngine's GEMM here when TE is absent (a NameError).
+    - `routed` [E] counts the tokens sent to each expert while training (once per forward even
+      with recompute: the first pass of a recomputed block runs without grad), for the load metrics.
+    """
+
+    def __init__(self, config, pg_collection=None, **kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight.data = self.weight.data.to(device)  # megatron allocates it on the host
+        self.partial_grad = config.sequence_parallel
+        # int64: DeepSpeed's bf16 engine casts floating-point buffers, which cannot count past 256.
+        self.register_buffer("routed", torch.zeros(config.num_moe_experts, dtype=torch.long, device=device),
+                             persistent=False)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.partial_grad:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return F.linear(input.float(), weight.float())
+
+    def routing(self, logits: torch.Tensor, *args, **kwargs):
+        probs, routing_map = super().routing(logits, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.routed += routing_map.sum(dim=0)
+        return probs, routing_map
+
+
+class _Spec(ModuleSpec):
+    """A ModuleSpec that is also a builder: megatron-core 0.16 builds MoE submodules from specs
+    (`build_module`), 0.17+ calls builders with the same keywords."""
+
+    def __call__(self, *args, **kwargs):
+        return build_module(self, *args, **kwargs)
+
+
+def moe_spec(shared_expert: bool) -> ModuleSpec:
+    """megatron's MoE layer: `Router`, the configured token dispatcher, SwiGLU experts on megatron's
+    tensor-parallel linears (each expert a megatron MLP), and an optional shared expert."""
+    mlp = MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)
+    shared = _Spec(module=SharedExpertMLP, submodules=mlp) if shared_expert else None
+    return _Spec(module=MoELayer, submodules=MoESubmodules(experts=_Spec(module=SequentialMLP, submodules=mlp),
+                                                          shared_experts=shared, router=Router))
+
+
+def layer_spec(qk_norm: bool = False, moe: bool = False, shared_expert: bool = False) -> ModuleSpec:
     """A Llama decoder layer: RMSNorm, causal GQA self-attention (SDPA; per-head q/k RMSNorm with
-    `qk_norm`, which megatron applies when its config has qk_layernorm), RMSNorm, SwiGLU MLP."""
+    `qk_norm`, which megatron applies when its config has qk_layernorm), RMSNorm, SwiGLU MLP (with
+    `moe`, megatron's MoE layer: `moe_spec`)."""
     head_norm = HeadRMSNorm if qk_norm else IdentityOp
+    mlp = moe_spec(shared_expert) if moe else ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
+                                             linear_fc2=tensor_parallel.RowParallelLinear))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -206,8 +269,7 @@ def layer_spec(qk_norm: bool = False) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
-                                                                linear_fc2=tensor_parallel.RowParallelLinear)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )

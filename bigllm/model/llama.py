@@ -35,7 +35,33 @@ from bigllm.model.init import initialize
 from bigllm.model.layers import RMSNorm, layer_spec
 
 
-def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_parallel: bool = False) -> TransformerConfig:
+def moe_fields(cfg: ModelConfig, ep: int) -> dict:
+    """megatron's MoE settings for `cfg.moe` (none for a dense model).
+
+    Routing runs in fp32 (megatron's moe_router_dtype) whatever the precision; the fusions need
+    TransformerEngine and stay off; experts are tensor-parallel over the same tp ranks as the
+    dense layers (expert_tensor_parallel_size = tp, megatron's default).
+    """
+    moe = cfg.moe
+    if not moe.enabled:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=cfg.expert_ffn_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_router_load_balancing_type=moe.load_balancing, moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.score_function == "softmax" and not moe.normalize_top_k,
+        moe_router_topk_scaling_factor=moe.top_k_scaling,
+        moe_router_enable_expert_bias=moe.expert_bias, moe_router_bias_update_rate=moe.expert_bias_update_rate,
+        moe_token_dispatcher_type=moe.dispatcher, moe_router_dtype="fp32",
+        expert_model_parallel_size=ep, moe_grouped_gemm=False, moe_permute_fusion=False, moe_router_fusion=False,
+    )
+
+
+def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_parallel: bool = False,
+                       ep: int = 1) -> TransformerConfig:
     """megatron-core's TransformerConfig for our architecture.
 
     Fusions that need apex or TransformerEngine stay off (see ../shared/NOTES-GPU.md); with SDPA
@@ -73,6 +99,7 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        **moe_fields(cfg, ep),
     )
 
 
@@ -130,7 +157,9 @@ class Block(torch.nn.Module):
     def __init__(self, tcfg: TransformerConfig, layer_number: int, cfg: ModelConfig, seed: int):
         super().__init__()
         self.tcfg = tcfg
-        self.layer = build_module(layer_spec(cfg.qk_norm), config=tcfg, layer_number=layer_number)
+        spec = layer_spec(cfg.qk_norm, moe=cfg.is_moe_layer(layer_number - 1),
+                          shared_expert=cfg.moe.shared_expert_ffn_hidden_size > 0)
+        self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
         self.rope = rotary_embedding(cfg, tcfg.kv_channels)
         self.recompute = cfg.activation_checkpointing
         self._cp_angles: dict = {}

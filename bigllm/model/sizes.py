@@ -2,6 +2,7 @@
 
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, tp)   # Vocab(real, padded)
     count_params(cfg.model, vocab.padded)                        # what a checkpoint holds
+    active_params(cfg.model, vocab.padded)                       # what one token uses (MoE: top_k experts)
     params_per_rank(cfg.model, vocab.padded, tp, pp)             # per pipeline stage, one tp rank
     flops_per_token(cfg.model, vocab.padded)                     # training FLOPs (MFU)
 
@@ -69,15 +70,31 @@ def params_per_rank(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list
             for s in range(pp)]
 
 
+def idle_expert_params(cfg: ModelConfig) -> int:
+    """Parameters of the routed experts one token does not use: (E - top_k) experts of every MoE
+    layer (0 for a dense model)."""
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    per_expert = sum(math.prod(structure.block_shape(cfg, key)) for key in structure.expert_keys(0))
+    return moe_layers * (cfg.moe.num_experts - cfg.moe.top_k) * per_expert
+
+
+def active_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters one token's forward uses: all of a dense model; a MoE model's router, shared
+    expert and top_k of its routed experts in every MoE layer."""
+    return count_params(cfg, vocab_size) - idle_expert_params(cfg)
+
+
 def block_params(cfg: ModelConfig) -> int:
-    """Parameters of the transformer blocks (all layers): what recompute runs again."""
+    """Parameters of the transformer blocks one token uses (all layers; top_k experts of a MoE
+    layer): what recompute runs again."""
     shapes = structure.full_shapes(cfg, 1)
-    return sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("blocks."))
+    total = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("blocks."))
+    return total - idle_expert_params(cfg)
 
 
 def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters that multiply activations: every weight but the norms and the embedding lookup
-    (the head is a matmul, tied to the embedding or not)."""
+    """Parameters that multiply one token's activations: every weight it uses (the active ones)
+    but the norms and the embedding lookup (the head is a matmul, tied to the embedding or not)."""
     return block_params(cfg) - 2 * cfg.num_layers * cfg.hidden_size + vocab_size * cfg.hidden_size
 
 
@@ -89,7 +106,8 @@ def attention_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B)."""
+    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B); for a
+    MoE model the active matmul params (router, shared expert, top_k experts), as Megatron counts."""
     return 6.0 * matmul_params(cfg, vocab_size) + attention_flops_per_token(cfg)
 
 

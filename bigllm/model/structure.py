@@ -17,6 +17,20 @@ empty `_extra_state` entries), V the padded vocabulary, d the head size, nq/nkv 
     final_norm.norm.weight                              [h]
     head.output_layer.weight                            [V, h]      (absent when tied)
 
+In a mixture-of-experts layer (model.moe; every layer not in moe.dense_layers) the MLP's two
+weights are replaced by megatron's MoE layer's, E experts of inner size fe, shared expert fs:
+
+    blocks.{i}.layer.mlp.router.weight                                  [E, h]
+    blocks.{i}.layer.mlp.experts.local_experts.{e}.linear_fc1.weight    [2*fe, h]  [gate; up]
+    blocks.{i}.layer.mlp.experts.local_experts.{e}.linear_fc2.weight    [h, fe]
+    blocks.{i}.layer.mlp.shared_experts.linear_fc1.weight               [2*fs, h]  (moe.shared_expert_...)
+    blocks.{i}.layer.mlp.shared_experts.linear_fc2.weight               [h, fs]
+
+`e` is the global expert index 0..E-1. With expert parallelism an ep rank's module holds experts
+ep_rank*E/ep .. (ep_rank+1)*E/ep - 1 under local indices 0..E/ep-1 (megatron's
+local_expert_indices); `expert_name` maps one to the other. The router is replicated; experts
+are cut over tp like the dense MLP.
+
 Tensor parallelism (megatron-core): the embedding, head, qkv and its bias are cut along dim 0
 (qkv groups are contiguous, so a plain chunk is a whole number of query groups); fc1 is cut per
 half, each rank holding [gate_r; up_r]; linear_proj and fc2 are cut along dim 1; norms (the
@@ -32,6 +46,7 @@ Sizes derived from them (vocabulary padding, parameter counts, FLOPs) are `bigll
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -47,43 +62,94 @@ QK_NORMS = ("layer.self_attention.q_layernorm.weight", "layer.self_attention.k_l
 _EXTRA_STATE_MODULES = ("linear_proj", "linear_qkv", "linear_fc1", "linear_fc2", "output_layer")
 
 
-def block_keys(cfg: ModelConfig) -> list[str]:
-    """Parameter names inside one block, in registration order (which the optimizer state follows)."""
+ROUTER = "layer.mlp.router.weight"
+_EXPERT = re.compile(r"(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)")
+
+
+def expert_keys(e: int) -> list[str]:
+    """The weights of routed expert `e` inside a block."""
+    return [f"layer.mlp.experts.local_experts.{e}.linear_fc1.weight",
+            f"layer.mlp.experts.local_experts.{e}.linear_fc2.weight"]
+
+
+def mlp_keys(cfg: ModelConfig, layer: int, experts: range | None = None) -> list[str]:
+    """The MLP's parameter names in block `layer`, in registration order: the dense MLP's two
+    weights, or the router, the routed experts (`experts`, default all) and the shared expert."""
+    if not cfg.is_moe_layer(layer):
+        return ["layer.mlp.linear_fc1.weight", "layer.mlp.linear_fc2.weight"]
+    keys = [ROUTER]
+    for e in experts if experts is not None else range(cfg.moe.num_experts):
+        keys += expert_keys(e)
+    if cfg.moe.shared_expert_ffn_hidden_size:
+        keys += ["layer.mlp.shared_experts.linear_fc1.weight", "layer.mlp.shared_experts.linear_fc2.weight"]
+    return keys
+
+
+def block_keys(cfg: ModelConfig, layer: int) -> list[str]:
+    """Parameter names inside block `layer`, in registration order (which the optimizer state follows)."""
     keys = ["layer.input_layernorm.weight", "layer.self_attention.linear_proj.weight",
             "layer.self_attention.linear_qkv.weight"]
     keys += [QKV_BIAS] if cfg.qkv_bias else []
     keys += list(QK_NORMS) if cfg.qk_norm else []
-    return keys + ["layer.pre_mlp_layernorm.weight", "layer.mlp.linear_fc1.weight", "layer.mlp.linear_fc2.weight"]
+    return keys + ["layer.pre_mlp_layernorm.weight"] + mlp_keys(cfg, layer)
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index in a routed expert's weight name; None for any other name."""
+    match = _EXPERT.fullmatch(name)
+    return int(match.group(2)) if match else None
+
+
+def expert_name(name: str, offset: int) -> str:
+    """`name` with its expert index moved by `offset`: local -> global with +ep_rank*E/ep,
+    global -> local with its negative. Names of other tensors come back unchanged."""
+    match = _EXPERT.fullmatch(name)
+    if not match:
+        return name
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
 
 
 def canonical_names(cfg: ModelConfig) -> list[str]:
     """All parameter names of the tp = pp = 1 model, in `CausalLM.parameters()` order."""
     names = [EMBED]
     for i in range(cfg.num_layers):
-        names += [f"blocks.{i}.{key}" for key in block_keys(cfg)]
+        names += [f"blocks.{i}.{key}" for key in block_keys(cfg, i)]
     names.append(FINAL_NORM)
     if not cfg.tie_embeddings:
         names.append(HEAD)
     return names
 
 
-def full_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple]:
-    """Canonical name -> full (tp = 1) shape, for the padded vocabulary `vocab_size`."""
+def block_shape(cfg: ModelConfig, key: str) -> tuple:
+    """The full shape of parameter `key` of a block (a `block_keys` entry)."""
     h, d = cfg.hidden_size, cfg.head_size
     qkv = (cfg.num_attention_heads + 2 * cfg.kv_heads) * d
-    block = {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
-             "layer.self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
-             "layer.self_attention.linear_qkv.weight": (qkv, h), QKV_BIAS: (qkv,),
-             QK_NORMS[0]: (d,), QK_NORMS[1]: (d,),
-             "layer.mlp.linear_fc1.weight": (2 * cfg.ffn_size, h), "layer.mlp.linear_fc2.weight": (h, cfg.ffn_size)}
+    if key.startswith("layer.mlp.experts."):
+        f = cfg.expert_ffn_size
+    elif key.startswith("layer.mlp.shared_experts."):
+        f = cfg.moe.shared_expert_ffn_hidden_size
+    else:
+        f = cfg.ffn_size
+    if key.endswith("linear_fc1.weight"):
+        return (2 * f, h)
+    if key.endswith("linear_fc2.weight"):
+        return (h, f)
+    return {"layer.input_layernorm.weight": (h,), "layer.pre_mlp_layernorm.weight": (h,),
+            "layer.self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
+            "layer.self_attention.linear_qkv.weight": (qkv, h), QKV_BIAS: (qkv,),
+            QK_NORMS[0]: (d,), QK_NORMS[1]: (d,), ROUTER: (cfg.moe.num_experts, h)}[key]
+
+
+def full_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple]:
+    """Canonical name -> full (tp = 1) shape, for the padded vocabulary `vocab_size`."""
     shapes = {}
     for name in canonical_names(cfg):
         if name in (EMBED, HEAD):
-            shapes[name] = (vocab_size, h)
+            shapes[name] = (vocab_size, cfg.hidden_size)
         elif name == FINAL_NORM:
-            shapes[name] = (h,)
+            shapes[name] = (cfg.hidden_size,)
         else:
-            shapes[name] = block[name.split(".", 2)[2]]
+            shapes[name] = block_shape(cfg, name.split(".", 2)[2])
     return shapes
 
 
@@ -164,7 +230,7 @@ def init_std(name: str, std: float, num_layers: int) -> float | None:
     """
     if name.endswith(".bias"):
         return 0.0
-    if tp_rule(name) == "replicated":
+    if name.endswith("norm.weight"):
         return None
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return std / math.sqrt(2.0 * num_layers)
@@ -233,7 +299,7 @@ def stage_names(cfg: ModelConfig, pp: int, stage: int) -> list[str]:
             if not cfg.tie_embeddings:
                 names.append(EMBED if layer == 0 else HEAD)
         elif layer <= cfg.num_layers:
-            names += [f"blocks.{layer - 1}.{key}" for key in block_keys(cfg)]
+            names += [f"blocks.{layer - 1}.{key}" for key in block_keys(cfg, layer - 1)]
         else:
             names.append(FINAL_NORM)
     return names

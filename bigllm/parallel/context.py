@@ -45,7 +45,8 @@ class ParallelContext:
 def resolve_dims(parallel: ParallelConfig, environ=os.environ) -> tuple[DistEnv, ParallelDims]:
     """Read the launcher's environment and validate the layout, before any process group exists."""
     launch = resolve_dist_env(environ)
-    return launch, ParallelDims.from_world(launch.world_size, parallel.tp, parallel.pp, parallel.cp)
+    return launch, ParallelDims.from_world(launch.world_size, parallel.tp, parallel.pp, parallel.cp,
+                                         parallel.ep)
 
 
 def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
@@ -74,7 +75,12 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
                                timeout=timeout, rank=launch.rank, world_size=launch.world_size)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp, context_parallel_size=dims.cp,
-        distributed_timeout_minutes=parallel.timeout_s / 60, create_gloo_process_groups=False)
+        expert_model_parallel_size=dims.ep, distributed_timeout_minutes=parallel.timeout_s / 60,
+        create_gloo_process_groups=False)
+    if dims.ep > 1:
+        from bigllm.parallel import experts
+
+        experts.register_groups(dims.ep)
     # megatron's tracker: a tp-rank-specific stream for dropout inside tensor-parallel regions.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     pp_rank, dp_rank, cp_rank, tp_rank = dims.coords(launch.rank)

@@ -25,6 +25,10 @@ def grad_accum_steps(global_batch: int, micro_batch: int, dp: int) -> int:
 class ParallelDims:
     """tp x cp x dp x pp = world_size. Rank order: tp fastest, then cp, then dp, then pp.
 
+    Expert parallelism cuts the same ranks another way for the experts (megatron's expert rank
+    order "tp-ep-dp-pp"): each run of `ep` consecutive dp x cp ranks of a tp rank shares out the
+    experts, and the `expert_dp` such runs hold replicas of them.
+
     This is megatron-core's default order ("tp-cp-ep-dp-pp") and, with cp folded into the data
     axis, DeepSpeed's pipeline topology (axes pipe, data, model), so both libraries' groups hold
     the same ranks.
@@ -39,21 +43,34 @@ class ParallelDims:
     dp: int
     world_size: int
     cp: int = 1
+    ep: int = 1
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int, pp: int, cp: int = 1) -> "ParallelDims":
+    def from_world(cls, world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> "ParallelDims":
         model = tp * pp * cp
         if world_size % model:
             names, sizes = ("parallel.tp * parallel.pp", f"{tp} * {pp}") if cp == 1 else (
                 "parallel.tp * parallel.pp * parallel.cp", f"{tp} * {pp} * {cp}")
             raise ConfigError(f"world size {world_size} is not divisible by {names} = {sizes} = {model}; launch a "
                               f"multiple of {model} processes or change {names.replace('parallel.', '')}")
-        return cls(tp=tp, pp=pp, dp=world_size // model, world_size=world_size, cp=cp)
+        dp = world_size // model
+        if (dp * cp) % ep:
+            raise ConfigError(
+                f"parallel.ep={ep} does not divide the data-parallel ranks dp * cp = {dp} * {cp} = {dp * cp} of "
+                f"{world_size} processes at tp={tp} pp={pp}: experts are sharded over ep ranks carved from them; "
+                f"use an ep that divides {dp * cp}, or launch a multiple of {tp * pp * ep} processes")
+        return cls(tp=tp, pp=pp, dp=dp, world_size=world_size, cp=cp, ep=ep)
 
     @property
     def dp_cp(self) -> int:
         """The ranks DeepSpeed treats as data-parallel: dp x cp (gradient reduction, ZeRO shards)."""
         return self.dp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Replicas of each expert: the dp x cp ranks of a tp rank and stage, divided into ep groups
+        (megatron's expert-data-parallel group; experts' gradients and ZeRO shards live on it)."""
+        return self.dp_cp // self.ep
 
     def grad_accum_steps(self, global_batch: int, micro_batch: int) -> int:
         """Micro-batches per step on each rank (`grad_accum_steps` at this dp)."""
@@ -67,4 +84,5 @@ class ParallelDims:
 
     def __str__(self) -> str:
         cp = f" cp={self.cp}" if self.cp > 1 else ""
-        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp} ({self.world_size} processes)"
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
+        return f"tp={self.tp} pp={self.pp}{cp} dp={self.dp}{ep} ({self.world_size} processes)"

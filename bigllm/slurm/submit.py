@@ -88,7 +88,7 @@ def check_world(cfg, layout: Layout) -> None:
 
     p = cfg.parallel
     try:
-        dims = ParallelDims.from_world(layout.world_size, p.tp, p.pp, p.cp)
+        dims = ParallelDims.from_world(layout.world_size, p.tp, p.pp, p.cp, p.ep)
     except ConfigError as exc:
         raise ConfigError(f"{layout.nodes} node(s) x {layout.procs_per_node} process(es): {exc}; "
                           "or change --nodes/--gpus-per-node") from None

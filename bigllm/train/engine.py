@@ -19,6 +19,10 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, dims: ParallelDims, mpu
     """deepspeed.initialize with our optimizer, schedule and generated config."""
     import deepspeed
 
+    if dims.ep > 1:
+        from bigllm.parallel import experts
+
+        experts.mark_expert_params(model, dims.ep)
     optimizer = adamw(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims), mpu=mpu,

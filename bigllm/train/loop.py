@@ -155,6 +155,9 @@ class Trainer:
         grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
         self.steps = StepRunner(self.engine, grad_accum, self.guard, self.faults, ctx, self.pipeline,
                                 say=self.logger.say, before_update=self.checkpointer.before_update)
+        from bigllm.train.moe import ExpertBalance
+
+        self.balance = ExpertBalance.create(self.engine.module, cfg.model, grad_accum, dims, ctx.device)
         self.step, self.consumed = 0, 0
 
     def _prepare_run_dir(self) -> None:
@@ -213,6 +216,8 @@ class Trainer:
             loss, stopping = self.steps.run(stream, self.step + 1, stop.check(timer.last_step_s,
                                                                           self.checkpointer.seconds))
             self.guard.update(loss)
+            if self.balance is not None:
+                self.balance.after_step()
             self.step, self.consumed = self.step + 1, self.consumed + t.global_batch_size
             self.faults.maybe_poison_weights(self.engine.module, self.step, self.ctx.rank)
             losses.append(loss)
@@ -258,6 +263,8 @@ class Trainer:
             scale = getattr(self.engine.optimizer, "cur_scale", None) or getattr(self.engine.optimizer, "loss_scale", None)
             if scale is not None:
                 scalars["loss_scale"] = float(scale)
+        if self.balance is not None:
+            scalars.update(self.balance.read())
         return {**scalars, **timer.read(self.step)}
 
     def _validate(self, validator) -> None:

@@ -52,5 +52,9 @@ def format_line(step: int, max_steps: int, scalars: dict) -> str:
              f"TFLOP/s/dev {scalars['tflops_per_device']:.3f}"]
     if "mfu" in scalars:
         parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    if "moe_aux_loss" in scalars:
+        parts.append(f"aux {scalars['moe_aux_loss']:.4f}")
+    if "expert_load_max" in scalars:  # tokens of the least / most loaded expert over an even share
+        parts.append(f"expert load {scalars['expert_load_min']:.2f}-{scalars['expert_load_max']:.2f}")
     parts += [f"mem {scalars['memory_gb']:.2f}GB", f"ETA {scalars['eta_s'] / 60:.1f}min"]
     return " | ".join(parts)
