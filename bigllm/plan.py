@@ -20,6 +20,18 @@ holds the most micro-batches in flight, the last one the logits), in these parts
                    move q, k, v and the attention output without keeping a second copy)
     logits_loss    [tokens, V/tp] logits in the model dtype and two fp32 copies in the loss
     buffers        ZeRO's gradient buckets (two with overlap_comm)
+    dispatch       mixture of experts: one MoE layer's token-dispatch temporaries (megatron's
+                   allgather dispatcher gathers the tokens of the tp x ep ranks, [T*ep, h] in and
+                   out, with their [T*ep, E] scores and routing map); 0 for a dense model
+
+Mixture of experts (model.moe): a rank holds E/ep of each MoE layer's routed experts. Their
+weights, gradients and optimizer state are planned like the dense ones but sharded over their own
+data-parallel group (dp x cp / ep ranks, DeepSpeed's expert-data-parallel group), the rest over
+dp x cp. In an MoE layer the dense SwiGLU's activations are replaced by the router's fp32 scores
+and, per token, top_k x what an expert keeps for backward (its input h, fc1's 2fe/tp, the
+activation fe/tp, the output h that the routing weight scales), x capacity_factor when set: an
+even share of the tokens per expert; a dropless run whose router is unbalanced needs more.
+FLOPs and `params_active` count the parameters one token uses (top_k of the routed experts).
 
 `fits` keeps 10% of the GPU free for the CUDA context, NCCL and allocator fragmentation.
 
@@ -34,7 +46,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bigllm.config import RunConfig
 from bigllm.errors import ConfigError
@@ -51,9 +62,11 @@ class Plan:
     dp: int
     zero_stage: int
     cp: int
+    ep: int
     grad_accum: int
     vocab_size: int
     params_total: int
+    params_active: int
     params_per_gpu: int
     flops_per_step: float
     hardware_flops_per_step: float
@@ -80,35 +93,64 @@ def _dtype_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def activation_bytes_per_token_layer(cfg: RunConfig) -> float:
-    """Bytes one block keeps for backward per token (the module docstring's sum), on one tp rank."""
+def activation_bytes_per_token_layer(cfg: RunConfig, moe_layer: bool = False) -> float:
+    """Bytes one block keeps for backward per token (the module docstring's sum), on one tp rank;
+    `moe_layer`: its MLP is a mixture of experts."""
     m, p = cfg.model, cfg.parallel
     tp, a = p.tp, _dtype_bytes(cfg.train.precision)
     d = m.head_size
     outside_tp = 4 * m.hidden_size + (2 * m.hidden_size if m.dropout > 0 else 0)
-    inside_tp = (m.num_attention_heads + 2 * m.kv_heads) * d + 2 * m.hidden_size + 4 * m.ffn_size
+    inside_tp = (m.num_attention_heads + 2 * m.kv_heads) * d + 2 * m.hidden_size
     lse = 4 * m.num_attention_heads / tp  # fp32 log-sum-exp per head
-    return a * (outside_tp / (tp if p.sequence_parallel else 1) + inside_tp / tp) + lse
+    if not moe_layer:
+        return a * (outside_tp / (tp if p.sequence_parallel else 1) + (inside_tp + 4 * m.ffn_size) / tp) + lse
+    moe = m.moe
+    # Each tp rank computes its fe/tp slice of every expert for all tokens of its tp group.
+    routed = moe.top_k * (moe.capacity_factor or 1.0) * (2 * m.hidden_size + 3 * m.expert_ffn_size / tp)
+    shared = 4 * moe.shared_expert_ffn_hidden_size / tp
+    router = 8 * moe.num_experts / tp  # fp32 logits and scores of this rank's s/tp tokens (sequence parallel)
+    return a * (outside_tp / (tp if p.sequence_parallel else 1) + inside_tp / tp + routed + shared) + router + lse
 
 
-def _state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
-    """weights, gradients, optimizer and buffer bytes of a rank holding `params` parameters."""
+def dispatch_bytes(cfg: RunConfig, tokens: int) -> float:
+    """One MoE layer's dispatch temporaries for `tokens` tokens per rank (0 for a dense model): the
+    tp x ep group's tokens gathered in and combined out ([tokens * ep, h] each, in the model dtype)
+    with their fp32 scores and boolean routing map ([tokens * ep, E])."""
+    m, p = cfg.model, cfg.parallel
+    if not m.moe.enabled:
+        return 0.0
+    gathered = tokens * p.ep
+    return gathered * (2 * m.hidden_size * _dtype_bytes(cfg.train.precision) + 5 * m.moe.num_experts)
+
+
+def _state_bytes(cfg: RunConfig, groups: list[tuple[int, int]]) -> dict:
+    """weights, gradients, optimizer and buffer bytes of a rank holding, for each (params, dp) of
+    `groups`, `params` parameters sharded over `dp` ranks (dense and expert parameters)."""
     from bigllm.parallel.ds_config import BUCKET_ELEMENTS
 
+    a = _dtype_bytes(cfg.train.precision)
+    parts = [_group_state_bytes(cfg, params, dp) for params, dp in groups if params]
+    out = {k: sum(part[k] for part in parts) for k in ("weights", "gradients", "optimizer")}
+    bucket = min(BUCKET_ELEMENTS, sum(params for params, _ in groups)) * a * (2 if cfg.parallel.zero_stage >= 1 else 1)
+    if cfg.train.precision != "fp32" and cfg.parallel.zero_stage >= 1:
+        out["gradients"] += bucket / 2  # the model-dtype gradients of a bucket beside the fp32 ones
+    return {**out, "buffers": bucket}
+
+
+def _group_state_bytes(cfg: RunConfig, params: int, dp: int) -> dict:
     zero, a = cfg.parallel.zero_stage, _dtype_bytes(cfg.train.precision)
     mixed = cfg.train.precision != "fp32"
     weights = params * a / (dp if zero == 3 else 1)
-    bucket = min(BUCKET_ELEMENTS, params) * a * (2 if zero >= 1 else 1)
     if not mixed:
         grads = params * 4 / (dp if zero >= 2 else 1)
     elif zero == 0:
         grads = params * a
     elif zero == 1:
-        grads = params * 4 + bucket / 2
+        grads = params * 4
     else:
-        grads = params * 4 / dp + bucket / 2
+        grads = params * 4 / dp
     optimizer = params * (8 + (4 if mixed else 0)) / (dp if zero >= 1 else 1)
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": bucket}
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer}
 
 
 def checkpoint_bytes(cfg: RunConfig, params: int, dp: int) -> float:
@@ -120,18 +162,20 @@ def checkpoint_bytes(cfg: RunConfig, params: int, dp: int) -> float:
     return params * a / (dp if zero == 3 else 1) + params * (8 + masters) / (dp if zero >= 1 else 1)
 
 
-def _stage_activations(cfg: RunConfig, blocks: int, in_flight: int, last: bool, vocab: int) -> dict:
+def _stage_activations(cfg: RunConfig, layers: list[int], in_flight: int, last: bool, vocab: int) -> dict:
+    """Activation, logits and dispatch bytes of a pipeline stage holding blocks `layers`."""
     t, m, p = cfg.train, cfg.model, cfg.parallel
     tokens = t.micro_batch_size * m.seq_length // p.cp  # this rank's slice of the micro-batch
-    per_layer = activation_bytes_per_token_layer(cfg) * tokens
+    per_layer = [activation_bytes_per_token_layer(cfg, m.is_moe_layer(i)) * tokens for i in layers]
     a = _dtype_bytes(t.precision)
     if m.activation_checkpointing:
         block_input = tokens * m.hidden_size * a / (p.tp if p.sequence_parallel else 1)
-        acts = block_input * blocks * in_flight + per_layer  # plus the block being recomputed
+        acts = block_input * len(layers) * in_flight + max(per_layer, default=0.0)  # plus the block being recomputed
     else:
-        acts = per_layer * blocks * in_flight
+        acts = sum(per_layer) * in_flight
     logits = tokens * vocab / p.tp * (a + 8) if last else 0.0
-    return {"activations": acts, "logits_loss": logits}
+    dispatch = dispatch_bytes(cfg, tokens) if any(m.is_moe_layer(i) for i in layers) else 0.0
+    return {"activations": acts, "logits_loss": logits, "dispatch": dispatch}
 
 
 def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
@@ -145,29 +189,31 @@ def make_plan(cfg: RunConfig, world_size: int, gpu_memory_gb: float) -> Plan:
     dims = ParallelDims.from_world(world_size, p.tp, p.pp, p.cp, p.ep)
     grad_accum = dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size)
     vocab = sizes.resolve_vocab(m, tokenizer_vocab(cfg), p.tp, tokenizer=f"data.tokenizer '{cfg.data.tokenizer}'").padded
-    per_stage = sizes.params_per_rank(m, vocab, p.tp, p.pp)
-    blocks = structure.blocks_per_stage(m, p.pp)
+    per_stage = sizes.rank_params(m, vocab, p.tp, p.pp, p.ep)  # (dense, expert) per stage
     stages = []
     for s in range(p.pp):
         in_flight = min(p.pp - s, grad_accum)  # DeepSpeed's 1F1B schedule
-        parts = {**_state_bytes(cfg, per_stage[s], dims.dp_cp),
-                 **_stage_activations(cfg, blocks[s], in_flight, s == p.pp - 1, vocab)}
+        dense, experts = per_stage[s]
+        parts = {**_state_bytes(cfg, [(dense, dims.dp_cp), (experts, dims.expert_dp)]),
+                 **_stage_activations(cfg, structure.stage_layers(m, p.pp, s), in_flight, s == p.pp - 1, vocab)}
         stages.append({k: v / GB for k, v in parts.items()})
     worst = max(stages, key=lambda parts: sum(parts.values()))
-    order = ("weights", "gradients", "optimizer", "activations", "logits_loss", "buffers")
+    order = ("weights", "gradients", "optimizer", "activations", "logits_loss", "buffers", "dispatch")
     memory = {k: round(worst[k], 3) for k in order}
     memory["total"] = round(sum(worst.values()), 3)
     tokens = t.global_batch_size * m.seq_length
     flops = sizes.flops_per_token(m, vocab) * tokens
     total = sizes.count_params(m, vocab)
     recompute = sizes.recompute_flops_per_token(m) * tokens
-    return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage, cp=p.cp,
+    staging = max(checkpoint_bytes(cfg, dense, dims.dp_cp) + checkpoint_bytes(cfg, experts, dims.expert_dp)
+                  for dense, experts in per_stage)
+    return Plan(world_size=world_size, tp=p.tp, pp=p.pp, dp=dims.dp, zero_stage=p.zero_stage, cp=p.cp, ep=p.ep,
                 grad_accum=grad_accum, vocab_size=vocab, params_total=total,
-                params_per_gpu=max(per_stage), flops_per_step=flops, hardware_flops_per_step=flops + recompute,
+                params_active=sizes.active_params(m, vocab), params_per_gpu=max(map(sum, per_stage)),
+                flops_per_step=flops, hardware_flops_per_step=flops + recompute,
                 tokens_per_step=tokens, memory_gb=memory, gpu_memory_gb=gpu_memory_gb,
                 fits=memory["total"] <= HEADROOM * gpu_memory_gb,
-                host_memory_gb={"checkpoint_staging": round(checkpoint_bytes(cfg, max(per_stage), dims.dp_cp) / GB, 3)
-                                if t.async_save else 0.0})
+                host_memory_gb={"checkpoint_staging": round(staging / GB, 3) if t.async_save else 0.0})
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -182,7 +228,10 @@ def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
     extras = [t.precision, f"ZeRO-{plan.zero_stage}", "recompute" if m.activation_checkpointing else "no recompute"]
     if p.sequence_parallel:
         extras.append("sequence parallel")
-    cp = f" cp={plan.cp}" if plan.cp > 1 else ""
+    cp = (f" cp={plan.cp}" if plan.cp > 1 else "") + (f" ep={plan.ep}" if plan.ep > 1 else "")
+    if m.moe.enabled:
+        extras.append(f"{m.moe.num_experts} experts, top-{m.moe.top_k}, "
+                      f"{m.moe.num_experts // plan.ep} per GPU" + (" (expert parallel)" if plan.ep > 1 else ""))
     if plan.cp > 1:
         extras.append(f"context parallel: each GPU holds {m.seq_length // plan.cp} of the {m.seq_length} positions")
     lines = [f"bigllm plan: {where}",
@@ -190,12 +239,16 @@ def format_plan(plan: Plan, cfg: RunConfig, where: str) -> str:
              f"  batch       {t.micro_batch_size} x {plan.grad_accum} grad-accum x {plan.dp} dp = "
              f"{t.global_batch_size} sequences of {m.seq_length} = {plan.tokens_per_step:,} tokens per step",
              f"  parameters  {plan.params_total:,} total ({_human(plan.params_total)}), {plan.params_per_gpu:,} "
-             f"on the largest GPU shard (vocabulary {plan.vocab_size} padded)",
-             f"  FLOPs       {_human(plan.flops_per_step, 'FLOP')} per step (model), "
+             f"on the largest GPU shard (vocabulary {plan.vocab_size} padded)"]
+    if m.moe.enabled:
+        lines.append(f"              {plan.params_active:,} active per token ({_human(plan.params_active)}): "
+                     f"the router, top-{m.moe.top_k} experts and the rest of the model")
+    lines += [f"  FLOPs       {_human(plan.flops_per_step, 'FLOP')} per step (model"
+             f"{', active parameters' if m.moe.enabled else ''}), "
              f"{_human(plan.hardware_flops_per_step, 'FLOP')} with recompute",
              "  memory per GPU (GB, busiest rank):"]
     for key, value in plan.memory_gb.items():
-        if key != "total":
+        if key != "total" and (key != "dispatch" or m.moe.enabled):
             lines.append(f"    {key:<12} {value:9.2f}")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"    {'total':<12} {plan.memory_gb['total']:9.2f}  of {plan.gpu_memory_gb:g} GB: {verdict} "

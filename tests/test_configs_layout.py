@@ -20,7 +20,9 @@ from train_utils import ROOT
 # at a 32k one when it sets none): the open models' published sizes
 TARGETS = {"tiny.yaml": (4, 9), "tiny-moe.yaml": (2, 9.178), "llama-125m.yaml": (8, 110), "llama-1b.yaml": (8, 1100),
            "llama-1b-32k.yaml": (8, 1100), "llama-7b.yaml": (32, 6738), "llama-3.1-8b.yaml": (8, 8030),
-           "qwen2.5-7b.yaml": (8, 7616), "qwen3-8b.yaml": (8, 8191)}
+           "qwen2.5-7b.yaml": (8, 7616), "qwen3-8b.yaml": (8, 8191),
+           # mixtures of experts: Mixtral-8x7B's 46.7B and Qwen3-30B-A3B's 30.5B (all experts)
+           "mixtral-8x7b.yaml": (64, 46702.8), "qwen3-30b-a3b.yaml": (16, 30532.1), "moe-1b.yaml": (8, 1029)}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

@@ -378,9 +378,11 @@ def test_byte_level_word_cache_equals_the_library(style, small_data):
     assert 0 < stats.whole_docs < len(texts) and stats.words > 0 and 0 < stats.hit_rate < 1
 
 
-def test_harness_with_a_hugging_face_tokenizer_equals_lm_evals_hf_model(imported, monkeypatch):
-    """`bigllm evaluate harness` on the imported Qwen3 run (its tokenizer.json) scores what lm-eval's own
-    `hf` model scores on the source directory: every choice's log-likelihood and the rolling perplexity."""
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_harness_with_a_hugging_face_tokenizer_equals_lm_evals_hf_model(family, imported, monkeypatch):
+    """`bigllm evaluate harness` on the imported Qwen3 / Qwen3-MoE run (its tokenizer.json) scores what
+    lm-eval's own `hf` model scores on the source directory: every choice's log-likelihood and the
+    rolling perplexity."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -388,7 +390,7 @@ def test_harness_with_a_hugging_face_tokenizer_equals_lm_evals_hf_model(imported
     from bigllm.evaluate.loading import load_lm
     from train_utils import ROOT
 
-    _, path, run = imported("qwen3")
+    _, path, run = imported(family)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(ROOT)  # the tasks' data_files are relative to the repository root

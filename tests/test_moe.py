@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from train_utils import (PARITY, PARITY_STEPS, ROOT, base_overrides, bigllm_cli, cut_back, launch, model_logits,
-                         parity_record, run_ok, torchrun, train_log, train_losses, wait_for_step, workers_of)
+                         parity_record, run_ok, train_log, train_losses, wait_for_step, workers_of)
 
 pytestmark = pytest.mark.slow
 MOE = ROOT / "configs" / "tiny-moe.yaml"
@@ -185,3 +185,31 @@ def test_bad_expert_layouts_are_refused_in_one_line(tokenizer_dir, shard_prefix,
     line = refused(1, **{"model.moe.num_experts": 0})
     assert "model.family=mixtral is a mixture-of-experts family" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_consolidate_plan_and_reshard_of_an_ep2_run(ep2, reference, tokenizer_dir, shard_prefix, tmp_path):
+    """consolidate writes canonical experts: the ep = 2 run's tensors are the one-process run's
+    (same names, equal to 1e-5 after 6 steps); `bigllm plan` counts what the checkpoint holds;
+    reshard to tp = 2 (every expert on every rank) carries weights and AdamW moments: the resumed
+    steps equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    for run, out in ((ep2[0], "ep2"), (reference[0], "ref")):
+        proc = bigllm_cli("convert", "consolidate", "--checkpoint", run, "--output", tmp_path / out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = (load_file(str(tmp_path / out / "model.safetensors")) for out in ("ep2", "ref"))
+    assert sorted(got) == sorted(want) and "blocks.3.layer.mlp.experts.local_experts.3.linear_fc2.weight" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+    plan = bigllm_cli("plan", ep2[0] / "config.yaml", "--nodes", 1, "--gpus-per-node", 2, "--json")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert json.loads(plan.stdout)["params_total"] == sum(t.numel() for t in got.values())
+
+    source = cut_back(ep2[0], tmp_path / "cut", CUT)
+    proc = bigllm_cli("convert", "reshard", "--checkpoint", source, "--tp", 2, "--pp", 1, "--output", tmp_path / "tp2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train(2, tokenizer_dir, shard_prefix, tmp_path / "tp2", **{"parallel.tp": 2, "parallel.sequence_parallel": "true",
+                                                                "parallel.zero_stage": 0})
+    resumed = parity_record(tmp_path / "tp2")
+    assert sorted(resumed) == list(range(CUT + 1, PARITY_STEPS + 1))
+    _assert_same(resumed, {s: reference[2][s] for s in resumed})

@@ -11,7 +11,8 @@ import pytest
 from train_utils import ROOT, bigllm_cli
 
 TARGETS = {"llama-125m.yaml": (1, 8), "llama-1b.yaml": (1, 8), "llama-1b-32k.yaml": (1, 8), "llama-7b.yaml": (4, 8),
-           "llama-3.1-8b.yaml": (1, 8), "qwen2.5-7b.yaml": (1, 8), "qwen3-8b.yaml": (1, 8)}
+           "llama-3.1-8b.yaml": (1, 8), "qwen2.5-7b.yaml": (1, 8), "qwen3-8b.yaml": (1, 8),
+           "mixtral-8x7b.yaml": (8, 8), "qwen3-30b-a3b.yaml": (2, 8), "moe-1b.yaml": (1, 8)}
 
 
 def bigllm(*args) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def test_shipped_gpu_configs_fit_their_cluster(name):
     plan = plan_json(ROOT / "configs" / name, f"model.vocab_size={vocab or 32000}", "--nodes", nodes,
                      "--gpus-per-node", gpus)
     assert plan["fits"] and plan["memory_gb"]["total"] <= 0.9 * 80
-    assert set(plan["memory_gb"]) == {"weights", "gradients", "optimizer", "activations", "logits_loss",
+    assert set(plan["memory_gb"]) == {"weights", "gradients", "optimizer", "activations", "logits_loss", "dispatch",
                                       "buffers", "total"}
     assert plan["memory_gb"]["total"] == pytest.approx(sum(v for k, v in plan["memory_gb"].items() if k != "total"),
                                                        abs=0.01)
@@ -126,3 +127,36 @@ def test_slurm_submit_prints_the_plan_and_refuses_what_does_not_fit(tmp_path):
     assert refused.stdout == ""
     forced = bigllm(*args, "--gpu-memory-gb", 16, "--force")
     assert forced.returncode == 0 and "#SBATCH --nodes=4" in forced.stdout
+
+
+def test_moe_plan_counts_active_parameters_and_shards_experts_over_ep():
+    """Mixtral-8x7B's published 46.7B total / 12.9B active; at ep = 8 each GPU holds 1 of the 8
+    experts (the dense part the same as at ep = 1, its experts / 8); expert optimizer state is
+    sharded over dp x cp / ep ranks; the dispatch buffers grow with ep; FLOPs follow the active count."""
+    from bigllm.config import RunConfig
+    from bigllm.config_loader import load_config
+    from bigllm.model import sizes
+
+    config = ROOT / "configs" / "mixtral-8x7b.yaml"
+    cfg = load_config(RunConfig, config)
+
+    def plan(*overrides):
+        return plan_json(config, *overrides, "--nodes", 8, "--gpus-per-node", 8)
+
+    ep8, ep1 = plan(), plan("parallel.ep=1")
+    assert ep8["params_total"] == ep1["params_total"] == 46_702_792_704
+    assert ep8["params_active"] == 12_879_925_248  # 2 of 8 experts
+    # the last of the 4 stages (8 blocks and the final norm, no embedding table: the head instead)
+    dense, experts = sizes.rank_params(cfg.model, 32000, 2, 4, 8)[-1]
+    assert experts == 8 * 3 * 4096 * 14336 // 2  # 8 blocks x 1 expert (8 / ep) of 3 matrices, / tp
+    assert ep8["params_per_gpu"] == dense + experts and ep1["params_per_gpu"] == dense + 8 * experts
+    assert ep8["flops_per_step"] == ep1["flops_per_step"] == pytest.approx(
+        ep8["tokens_per_step"] * (6 * (12_879_925_248 - 2 * 32000 * 4096 // 2 - 65 * 4096) + 12 * 32 * 32 * 128 * 4096),
+        rel=0.01)
+    # ZeRO-1, bf16: AdamW's 12 bytes per parameter, dense over dp = 8, experts over dp / ep = 1 at ep = 8
+    # and over 8 at ep = 1 (each GPU then holds all 8 experts' weights, 1/8 of their optimizer state).
+    assert ep8["memory_gb"]["optimizer"] == pytest.approx(12 * (dense / 8 + experts) / 1e9, abs=0.01)
+    assert ep1["memory_gb"]["optimizer"] == pytest.approx(12 * (dense / 8 + 8 * experts / 8) / 1e9, abs=0.01)
+    assert ep8["memory_gb"]["dispatch"] == pytest.approx(8 * ep1["memory_gb"]["dispatch"], rel=0.02)  # GB, 3 digits
+    dense_plan = plan("model.moe.num_experts=0", "model.family=mistral", "parallel.ep=1")
+    assert dense_plan["memory_gb"]["dispatch"] == 0.0 and dense_plan["params_active"] == dense_plan["params_total"]

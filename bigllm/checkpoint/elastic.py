@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from bigllm.checkpoint.format import fit_schedule
 from bigllm.checkpoint.native import Checkpoint
 from bigllm.errors import CheckpointError
 from bigllm.model import structure
@@ -109,11 +110,7 @@ def _follow_groups(engine, groups: list[dict], sched: dict | None) -> None:
         saved = groups[i] if i < len(groups) else groups[0]
         group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
     if sched is not None and engine.lr_scheduler is not None:
-        sched = dict(sched)
-        for key in ("base_lrs", "_last_lr"):
-            if isinstance(sched.get(key), list) and sched[key]:
-                sched[key] = (sched[key] + [sched[key][0]] * len(current))[:len(current)]
-        engine.lr_scheduler.load_state_dict(sched)
+        engine.lr_scheduler.load_state_dict(fit_schedule(sched, len(current)))
 
 
 def load_into(engine, src: Checkpoint, tp_rank: int, tp: int, pp: int, reset_optimizer: bool = False) -> dict:

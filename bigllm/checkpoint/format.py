@@ -234,3 +234,14 @@ def find_resumable(run_dir: str | Path, warn=print) -> tuple[str, CheckpointMeta
         except CheckpointError as exc:
             warn(f"warning: {exc}; trying an earlier checkpoint")
     return None
+
+
+def fit_schedule(sched: dict, groups: int) -> dict:
+    """A saved LR-scheduler state for an optimizer of `groups` param groups: every group follows
+    one schedule, so groups the source run did not have (the expert group when ep changes from 1)
+    take group 0's entries, and groups it had beyond them (ep > 1 -> 1) are dropped."""
+    sched = dict(sched)
+    for key in ("base_lrs", "_last_lr"):
+        if isinstance(sched.get(key), list) and sched[key]:
+            sched[key] = (sched[key] + [sched[key][0]] * groups)[:groups]
+    return sched

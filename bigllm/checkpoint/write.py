@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bigllm.checkpoint.format import (CheckpointMeta, Layout, checkpoint_root, layer_states_name, model_states_name,
-                                      set_latest, tag_for, write_meta)
+from bigllm.checkpoint.format import (CheckpointMeta, Layout, checkpoint_root, fit_schedule, layer_states_name,
+                                      model_states_name, set_latest, tag_for, write_meta)
 from bigllm.config import RunConfig
 from bigllm.fsutil import new_directory
 from bigllm.model import structure
@@ -126,7 +126,8 @@ def write_checkpoint(state: dict, cfg: RunConfig, tag_dir: Path, step: int = 0, 
             if cfg.train.precision == "bf16":
                 optim = bf16_wrapped(optim, names, local, step)
             ckpt = {"module": _module_dict(names, local.get) if pp == 1 else None, "optimizer": optim,
-                    "lr_scheduler": sched_from or sched, **_engine_fields(step, consumed, tp, pp, tp * pp)}
+                    "lr_scheduler": fit_schedule(sched_from, len(sched["base_lrs"])) if sched_from else sched,
+                    **_engine_fields(step, consumed, tp, pp, tp * pp)}
             torch.save(ckpt, tag_dir / model_states_name(s * tp + t))
     if pp > 1:
         _write_layer_files(shards, m, tp, tag_dir)

@@ -1,4 +1,4 @@
-"""`bigllm convert reshard`: rewrite a checkpoint for another tp x pp layout.
+"""`bigllm convert reshard`: rewrite a checkpoint for another tp x pp layout (ep = 1).
 
     bigllm convert reshard --checkpoint runs/tiny --tp 1 --pp 2 --output runs/tiny-pp2
     torchrun --nproc-per-node 2 -m bigllm train runs/tiny-pp2/config.yaml   # resumes at the same step
@@ -9,7 +9,10 @@ parallel rank, which `bigllm.checkpoint.zero` gathers back into per-parameter te
 source tp/pp/dp). Both are merged over tp and cut for the new layout like the weights.
 --reset-optimizer starts the moments from zero instead. The step, sample position and learning-
 rate schedule are always kept. The output is a ZeRO-0 run dir (see `bigllm.checkpoint.write`):
-resume it with parallel.zero_stage=0, at any data-parallel size. fp32 runs reshard to any
+resume it with parallel.zero_stage=0, at any data-parallel size. A mixture of experts trained at
+ep > 1 is written with every expert on every rank (ep = 1; tp > 1 with sequence parallelism):
+resume it so, or at another ep with parallel.zero_stage=1 (elastic resume shares the experts out
+again). fp32 runs reshard to any
 tp x pp; bf16 runs (fp32 masters and moments from the ZeRO shards) to pp = 1, because DeepSpeed
 resumes bf16 pipelines only at ZeRO-1; fp16 runs are refused (loss-scaler state).
 """
@@ -44,8 +47,10 @@ def reshard(checkpoint: str | Path, tp: int, pp: int, output: str | Path, reset_
     src = open_native(checkpoint)
     check_precision(src, pp)
     cfg = copy.deepcopy(src.cfg)
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, 0
-    cfg.parallel.sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
+    # ep = 1: expert parallelism needs ZeRO-1/2 shards; an elastic resume moves the run to any ep.
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.parallel.ep = tp, pp, 0, 1
+    # megatron's MoE layer needs sequence parallelism at tp > 1.
+    cfg.parallel.sequence_parallel = (cfg.parallel.sequence_parallel or cfg.model.moe.enabled) and tp > 1
     cfg.validate()
     if resolve_vocab(cfg.model, src.vocab.real, tp).padded != src.vocab_size:
         raise CheckpointError(f"the padded vocabulary ({src.vocab_size}) changes at tp={tp}; "

@@ -3,7 +3,7 @@
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, tp)   # Vocab(real, padded)
     count_params(cfg.model, vocab.padded)                        # what a checkpoint holds
     active_params(cfg.model, vocab.padded)                       # what one token uses (MoE: top_k experts)
-    params_per_rank(cfg.model, vocab.padded, tp, pp)             # per pipeline stage, one tp rank
+    params_per_rank(cfg.model, vocab.padded, tp, pp, ep)         # per pipeline stage, one tp rank
     flops_per_token(cfg.model, vocab.padded)                     # training FLOPs (MFU)
 
 `bigllm plan`, training's MFU, `convert`, `evaluate` and tools/gpu_check.py call these; none
@@ -63,11 +63,22 @@ def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     return sum(math.prod(shape) for shape in structure.full_shapes(cfg, vocab_size).values())
 
 
-def params_per_rank(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
+def params_per_rank(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, ep: int = 1) -> list[int]:
     """Parameters each pipeline stage's tp rank holds (tp ranks of a stage hold the same count)."""
+    return [dense + experts for dense, experts in rank_params(cfg, vocab_size, tp, pp, ep)]
+
+
+def rank_params(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, ep: int = 1) -> list[tuple[int, int]]:
+    """(dense, expert) parameters one tp rank of each pipeline stage holds: the routed experts are
+    shared out over ep ranks (E/ep each), everything else is the same on every ep rank. The two
+    parts live on different data-parallel groups (dp x cp, and dp x cp / ep)."""
     shapes = structure.full_shapes(cfg, vocab_size)
-    return [sum(math.prod(structure.shard_shape(n, shapes[n], tp)) for n in structure.stage_names(cfg, pp, s))
-            for s in range(pp)]
+    out = []
+    for s in range(pp):
+        held = {n: math.prod(structure.shard_shape(n, shapes[n], tp)) for n in structure.stage_names(cfg, pp, s)}
+        experts = sum(size for n, size in held.items() if structure.expert_of(n) is not None)
+        out.append((sum(held.values()) - experts, experts // ep))
+    return out
 
 
 def idle_expert_params(cfg: ModelConfig) -> int:

@@ -305,12 +305,17 @@ def stage_names(cfg: ModelConfig, pp: int, stage: int) -> list[str]:
     return names
 
 
+def stage_layers(cfg: ModelConfig, pp: int, stage: int) -> list[int]:
+    """The 0-based transformer blocks on pipeline stage `stage`."""
+    if pp == 1:
+        return list(range(cfg.num_layers))
+    bounds = stage_bounds(cfg.num_layers, pp)
+    return [layer - 1 for layer in range(bounds[stage], bounds[stage + 1]) if 1 <= layer <= cfg.num_layers]
+
+
 def blocks_per_stage(cfg: ModelConfig, pp: int) -> list[int]:
     """Transformer blocks on each pipeline stage."""
-    if pp == 1:
-        return [cfg.num_layers]
-    bounds = stage_bounds(cfg.num_layers, pp)
-    return [sum(1 for layer in range(bounds[s], bounds[s + 1]) if 1 <= layer <= cfg.num_layers) for s in range(pp)]
+    return [len(stage_layers(cfg, pp, s)) for s in range(pp)]
 
 
 def optimizer_order(names: list[str], shapes: dict[str, tuple]) -> list[str]:
