@@ -253,9 +253,11 @@ class ParallelConfig:
     timeout_s: float = 600.0
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1 or self.cp < 1 or self.ep < 1:
-            raise ConfigError(f"parallel.tp, parallel.pp, parallel.cp and parallel.ep must be >= 1, got tp={self.tp}, "
-                              f"pp={self.pp}, cp={self.cp}, ep={self.ep}")
+        if self.tp < 1 or self.pp < 1 or self.cp < 1:
+            raise ConfigError(f"parallel.tp, parallel.pp and parallel.cp must be >= 1, got tp={self.tp}, "
+                              f"pp={self.pp}, cp={self.cp}")
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep must be >= 1 (1: no expert parallelism), got {self.ep}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it cuts the sequence over "
                               "the tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")

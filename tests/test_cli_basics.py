@@ -41,11 +41,15 @@ def test_every_shipped_config_loads_with_its_values(path):
 
     from bigllm.config_loader import to_dict
 
+    def same(written: dict, loaded: dict, where: str) -> None:  # nested blocks (model.moe) key by key
+        for key, value in written.items():
+            if isinstance(value, dict):
+                same(value, loaded[key], f"{where}{key}.")
+            else:
+                assert loaded[key] == value, (where + key, loaded[key], value)
+
     cfg = load_config(RunConfig, path)
-    written, loaded = yaml.safe_load(path.read_text()), to_dict(cfg)
-    for section, values in written.items():
-        for key, value in values.items():
-            assert loaded[section][key] == value, (section, key, loaded[section][key], value)
+    same(yaml.safe_load(path.read_text()), to_dict(cfg), "")
 
 
 def test_unknown_key_names_the_closest_valid_key(tmp_path):

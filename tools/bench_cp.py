@@ -29,14 +29,11 @@ says what the all-to-alls cost on gloo, not what a GPU node would gain.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench_train import prepare_data
+from bench_train import prepare_data, torchrun_records
 
 ROOT = Path(__file__).resolve().parents[1]
 NPROC = 4
@@ -52,14 +49,7 @@ def train(tok: Path, prefix: Path, run_dir: Path, seq: int, cp: int, steps: int)
               "data.split": "98,2,0", "train.run_dir": run_dir, "train.max_steps": steps, "train.log_interval": 1,
               "train.eval_interval": 0, "train.eval_iters": 1, "train.save_interval": 0,
               "train.tensorboard": "false", "optim.warmup_steps": 1}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}", "-m",
-           "bigllm", "train", str(ROOT / "configs" / "tiny.yaml"), *(f"{k}={v}" for k, v in values.items())]
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bigllm train (seq {seq}, cp {cp}) failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    records = torchrun_records("tiny.yaml", values, run_dir, NPROC, f"seq {seq}, cp {cp}")
     steps_after_first = [r for r in records if r["step"] > 1 and "train/tokens_per_s" in r]
     return {"seq": seq, "cp": cp, "dp": NPROC // cp,
             "tokens_per_s": sum(r["train/tokens_per_s"] for r in steps_after_first) / len(steps_after_first),

@@ -51,6 +51,20 @@ def prepare_data(work: Path) -> tuple[Path, Path]:
     return tok, prefix
 
 
+def torchrun_records(config: str, values: dict, run_dir: Path, nproc: int, what: str) -> list[dict]:
+    """A `bigllm train CONFIG key=value...` job on `nproc` torchrun processes, with freed memory going
+    back to the OS (MALLOC_MMAP_THRESHOLD_, so peak RSS follows live tensors: see bench_cp.py);
+    RUN_DIR/train_log.jsonl's records. `what` names the job in a failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "bigllm", "train", str(ROOT / "configs" / config), *(f"{k}={v}" for k, v in values.items())]
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bigllm train ({what}) failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
 def overrides(model: dict, tok: Path, prefix: Path, run_dir: Path, steps: int, peak) -> list[str]:
     values = {**model, "data.tokenizer": tok, "data.prefixes": f"[{prefix}]", "train.run_dir": run_dir,
               "train.max_steps": steps, "train.log_interval": LOG_INTERVAL, "train.eval_interval": 0,

@@ -156,6 +156,10 @@ class Checkpoint:
                 yield structure.canonical_of(layer, key, n), [r[key] for r in per_rank]
 
     def _check_complete(self, shapes_seen: dict[str, tuple]) -> None:
+        if self.cfg.model.moe.expert_bias:
+            raise CheckpointError(f"checkpoint {self.tag_dir} is a mixture of experts with the routers' expert bias "
+                                  "(model.moe.expert_bias), which bigllm's converters and evaluation do not carry "
+                                  "yet; resume the run at its own layout to train on")
         expected = structure.full_shapes(self.cfg.model, self.vocab_size)
         unknown, missing = sorted(set(shapes_seen) - set(expected)), sorted(set(expected) - set(shapes_seen))
         if unknown or missing:
@@ -208,5 +212,5 @@ class Checkpoint:
         """Provenance for reports and converted outputs."""
         return {"format": "bigllm", "checkpoint": str(self.tag_dir.resolve()), "step": self.step,
                 "layout": {"tp": self.tp, "pp": self.pp, "dp": self.meta.layout.dp, "cp": self.meta.layout.cp,
-                           "ep": self.meta.layout.ep, "zero_stage": self.zero_stage},
+                           "zero_stage": self.zero_stage, **({"ep": self.meta.layout.ep} if self.meta.layout.ep > 1 else {})},
                 "consumed_samples": self.meta.consumed_samples, "versions": self.meta.versions}

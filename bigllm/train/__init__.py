@@ -8,6 +8,7 @@
     checkpointer  should_save / save / resume (bigllm.checkpoint: DeepSpeed's loader or elastic)
     validator     validation loss at train.eval_interval
     guard         non-finite and spiking losses, judged on the device
+    moe           a mixture of experts' router losses, expert-bias updates and load metrics
     logger        console, train_log.jsonl, TensorBoard, W&B; status.json
     metrics       tokens/s, TFLOP/s, MFU, ETA (FLOPs per token from bigllm.model.sizes)
     faults        fault injection for the failure-path tests (BIGLLM_FAULT)

@@ -59,6 +59,9 @@ def check_resumable(cfg, dims, vocab_size: int, tokenizer) -> None:
     if precision == "fp16":
         raise CheckpointError(f"{where} was written at {was}, this launch is {now}; fp16 runs resume only at their "
                               "own layout (the loss scaler's state is per layout): relaunch with that layout")
+    if run_config_from_dict(meta.config).model.moe.expert_bias:
+        raise CheckpointError(f"{where} was written at {was}, this launch is {now}; the routers' expert bias "
+                              "(model.moe.expert_bias) is resumed only at the run's own layout: relaunch with it")
 
 
 class Checkpointer:

@@ -94,9 +94,18 @@ class ExpertBalance:
         if self.moe.z_loss_coeff > 0:
             # megatron records each tp x cp rank's z-loss over its own tokens (not a partial sum).
             out["moe_z_loss"] = float(losses[3].sum() / (per_micro * self.dims.tp * self.dims.cp))
-        load = routed[moe_layers]
-        share = load.sum(dim=1, keepdim=True) / experts
-        if float(share.min()) > 0:
-            relative = load / share
-            out["expert_load_min"], out["expert_load_max"] = float(relative.min()), float(relative.max())
+        span = load_range(routed[moe_layers])
+        if span is not None:
+            out["expert_load_min"], out["expert_load_max"] = span
         return out
+
+
+def load_range(routed: torch.Tensor) -> tuple[float, float] | None:
+    """routed [layers, E] tokens sent to each expert -> (least, most) loaded expert of any layer,
+    relative to the layer's even share (sum / E): (1, 1) balanced, (0, E) a router that sends
+    every token to one expert. None when a layer routed nothing (no step in the interval)."""
+    share = routed.sum(dim=1, keepdim=True) / routed.size(1)
+    if routed.numel() == 0 or float(share.min()) <= 0:
+        return None
+    relative = routed / share
+    return float(relative.min()), float(relative.max())
