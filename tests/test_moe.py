@@ -199,6 +199,9 @@ def test_bad_expert_layouts_are_refused_in_one_line(tokenizer_dir, shard_prefix,
     assert "model.moe.capacity_factor=0.0 cannot hold any token" in refused(1, **{"model.moe.capacity_factor": 0.0})
     line = refused(2, **{"parallel.tp": 2})
     assert "needs parallel.sequence_parallel=true" in line, line
+    if not torch.cuda.is_available():
+        line = refused(1, **{"model.moe.dispatcher": "alltoall"})
+        assert "model.moe.dispatcher=alltoall needs CUDA" in line, line
     line = refused(1, **{"model.moe.num_experts": 0})
     assert "model.family=mixtral is a mixture-of-experts family" in line, line
     assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ tokenizer.model (`bigllm.tokenizer.load_tokenizer`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -101,6 +101,9 @@ def _build(cfg: ModelConfig, vocab_size: int, state: dict, device: torch.device)
     from bigllm.model.build import CausalLM
 
     init_single_process()
+    if cfg.moe.enabled:  # one process dispatches to no other rank: every dispatcher computes the same,
+        # and allgather needs no CUDA streams (a run trained with alltoall evaluates on a CPU too)
+        cfg = replace(cfg, moe=replace(cfg.moe, dispatcher="allgather"))
     model = CausalLM(cfg, vocab_size, tp=1, precision="fp32", seed=0)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -44,6 +44,11 @@ def preflight(cfg: RunConfig):
 
     _, dims = resolve_dims(cfg.parallel)
     deepspeed_config(cfg, dims)  # batch divisibility, precision x zero x pp
+    from bigllm.parallel.cpu_compat import cuda_absent
+
+    if cfg.model.moe.enabled and cfg.model.moe.dispatcher == "alltoall" and cuda_absent():
+        raise ConfigError("model.moe.dispatcher=alltoall needs CUDA (megatron's alltoall dispatcher creates CUDA "
+                          "streams); use model.moe.dispatcher=allgather on this machine")
     check_wandb(cfg.train.wandb)
     tokenizer = load_tokenizer(cfg)
     from bigllm.train.checkpointer import check_resumable
