@@ -134,7 +134,9 @@ def test_family_imports_and_exports_exactly(family, imported, tmp_path):
         torch.testing.assert_close(exported(tokens).logits, want, **TOL)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Mixtral's bigllm model is qwen3_moe's without qk-norm (its logits are compared above): one MoE family
+# here keeps the suite's time.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])
 def test_family_perplexity_and_greedy_generation_equal_transformers(family, imported, small_data, tmp_path):
     """`bigllm evaluate perplexity` on the imported run (its own Hugging Face tokenizer) equals
     transformers' sliding-window loop on the same EOD-separated stream, and greedy `bigllm generate`
