@@ -12,7 +12,6 @@ The format is `bigllm.checkpoint.format`'s; weights holding NaN/inf are never sa
 from __future__ import annotations
 
 import contextlib
-
 import shutil
 from pathlib import Path
 
