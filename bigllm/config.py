@@ -280,6 +280,11 @@ class OptimConfig:
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     # Global gradient-norm clipping; 0 disables. Always set explicitly in the DeepSpeed config.
     grad_clip: float = 1.0
+    # torch AdamW's kernel: "fused" (one kernel per parameter group and dtype), "foreach" (a few
+    # multi-tensor kernels, one full-size temporary), or "auto": fused on CUDA, torch's default
+    # elsewhere (a per-tensor loop on the CPU, as earlier bigllm releases ran). Not a schedule
+    # setting: a resumed run uses this run's choice.
+    implementation: Literal["auto", "fused", "foreach"] = "auto"
 
     def validate(self) -> None:
         if self.min_lr > self.lr:
@@ -335,6 +340,13 @@ class TrainConfig:
     loss_spike_factor: Optional[float] = None
     # Wall-clock budget in seconds: save and exit (code 3, "requeue me") before it runs out.
     max_wall_s: Optional[float] = None
+    # Fusing each decoder layer's element-wise chain (RoPE, SwiGLU, residual add + RMSNorm, the
+    # copies around attention) with torch.compile of the layer, as torchtitan compiles each block:
+    # "auto" compiles on CUDA only, "compile" on any device (the CPU too), "eager" never. Only
+    # training compiles (the first step pays the compile: seconds to a minute). Where torch.compile
+    # cannot run (a GPU box without a C compiler for triton, say), training runs eager and the
+    # runtime line says why. MoE layers and ZeRO-3 runs stay eager. Checkpoints are the same.
+    fusion: Literal["auto", "compile", "eager"] = "auto"
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_iters"):
@@ -351,6 +363,20 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def eager_reason(self, device_type: str) -> str | None:
+        """train.fusion's rule: None when training compiles its dense decoder layers on a device of
+        this type (torch.compile permitting), else why they stay eager. Training and `plan` ask here.
+        ZeRO-3 stays eager: DeepSpeed gathers parameters in hooks on every submodule, which dynamo
+        traces into the layer (measured on CPU: recompiles in the backward hook until dynamo gives up)."""
+        mode = self.train.fusion
+        if mode == "eager":
+            return "train.fusion=eager"
+        if mode == "auto" and device_type != "cuda":
+            return f"train.fusion=auto compiles on CUDA only, this is {device_type}"
+        if self.parallel.zero_stage == 3:
+            return "ZeRO-3's parameter hooks in every module do not compile with the layer"
+        return None
 
     def validate(self) -> None:
         """Checks that need no world size."""

@@ -33,7 +33,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if getattr(param, "allreduce", True) is False:  # DeepSpeed's and megatron's expert mark
             experts.append(param)
         else:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # a ZeRO-3 parameter built under zero.Init is a flat partition: its shape is ds_shape
+            matrix = len(getattr(param, "ds_shape", param.shape)) >= 2
+            (decay if matrix else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "decay": True}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
@@ -43,10 +45,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW over `param_groups(model)`: the optimizer DeepSpeed wraps (ZeRO, bf16)."""
+def kernel(optim: OptimConfig, device_type: str) -> dict:
+    """AdamW's `fused` / `foreach` arguments for optim.implementation ("auto": fused on CUDA,
+    torch's own choice elsewhere)."""
+    fused = optim.implementation == "fused" or (optim.implementation == "auto" and device_type == "cuda")
+    return {"fused": fused or None, "foreach": True if optim.implementation == "foreach" else None}
+
+
+def adamw(model: torch.nn.Module, optim: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    """torch AdamW over `param_groups(model)`: the optimizer DeepSpeed wraps (ZeRO, bf16).
+
+    DeepSpeed's ZeRO and bf16 optimizers call its step() on their fp32 (flat or partitioned)
+    masters, which the fused kernel accepts on any device; `device_type` is the accelerator's."""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                             eps=optim.eps)
+                             eps=optim.eps, **kernel(optim, device_type))
+
+
+def describe_kernel(optimizer: torch.optim.Optimizer) -> str:
+    """'AdamW fused' / 'AdamW foreach' / 'AdamW for-loop': the kernel its first group runs."""
+    group = optimizer.param_groups[0]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # ZeRO-3 may leave a group empty
+    if group.get("fused"):
+        return "AdamW fused"
+    if group.get("foreach") or (group.get("foreach") is None and params and params[0].is_cuda):
+        return "AdamW foreach"  # torch's default on CUDA
+    return "AdamW for-loop"
+
+
+def set_kernel(optimizer: torch.optim.Optimizer, optim: OptimConfig, device_type: str) -> None:
+    """Make a loaded optimizer run this run's kernel: torch's load_state_dict takes `fused` and
+    `foreach` from the checkpoint's groups, and keeps the step counters where that kernel wanted
+    them (fused: fp32 on the parameter's device; otherwise on the host)."""
+    choice = kernel(optim, device_type)
+    for group in optimizer.param_groups:
+        group.update(choice)
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device if choice["fused"] else "cpu", torch.float32)
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int):
@@ -75,7 +111,7 @@ def schedule_changes(old: OptimConfig, old_max_steps: int, new: OptimConfig, new
     import dataclasses
 
     changes = [f"optim.{f.name} {getattr(old, f.name)} -> {getattr(new, f.name)}" for f in dataclasses.fields(new)
-               if getattr(old, f.name) != getattr(new, f.name)]
+               if getattr(old, f.name) != getattr(new, f.name) and f.name != "implementation"]
     if old_max_steps != new_max_steps:
         changes.append(f"train.max_steps {old_max_steps} -> {new_max_steps}")
     return changes

@@ -15,6 +15,7 @@ doubles the norm.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,13 @@ def test_context_parallel_resume_across_cp_sizes(reference, tokenizer_dir, shard
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_data_parallel_matches_single_process(zero, reference, tokenizer_dir, shard_prefix, tmp_path):
-    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **{"parallel.zero_stage": zero}))
+    proc = run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **{"parallel.zero_stage": zero}))
     _assert_same(parity_record(tmp_path), reference)
+    if zero == 3:  # built under deepspeed.zero.Init: rank 0 never held more than its half of the weights
+        found = re.search(r"rank 0 holds ([\d,]+) of its ([\d,]+) parameters", proc.stdout)
+        assert found, proc.stdout[-2000:]
+        held, whole = (int(x.replace(",", "")) for x in found.group(1, 2))
+        assert held <= whole / 2 + 64, (held, whole)  # + ZeRO's padding of each partition
 
 
 def test_resume_continues_the_uninterrupted_run(reference, tokenizer_dir, shard_prefix, tmp_path):

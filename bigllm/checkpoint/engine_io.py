@@ -33,13 +33,21 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict) -> bool:
+    """Restore the saved RNG streams; False (nothing restored but the CPU generator) when they were
+    saved on another device type: a CPU generator's state is 5,056 bytes, a CUDA one's 16, and
+    megatron's tracker would fail at its first fork with the other size."""
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["cpu"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    now, saved = tracker.get_states(), state["tracker"]
+    if now.keys() != saved.keys() or any(now[k].numel() != saved[k].numel() for k in now):
+        return False
+    tracker.set_states(saved)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 NON_FINITE = ("refusing to save a checkpoint: the weights hold NaN or inf values; the previous checkpoint is "
@@ -333,7 +341,8 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load(engine, tag_dir: Path, rank: int, module_only: bool = False) -> dict:
     """Load this rank's weights (and unless module_only: optimizer, scheduler and RNG streams) from a
-    verified tag dir; return DeepSpeed's client state."""
+    verified tag dir; return DeepSpeed's client state, with `rng_restored` False when the RNG
+    streams were saved on another device type (the caller re-seeds them)."""
     with _dense_files(engine):  # an expert-parallel rank's experts come from its ZeRO shard's masters
         path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=module_only,
                                               load_optimizer_states=not module_only,
@@ -342,6 +351,7 @@ def load(engine, tag_dir: Path, rank: int, module_only: bool = False) -> dict:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     _load_experts(engine, tag_dir)
     rng = tag_dir / rng_name(rank)
+    client = dict(client or {})
     if rng.is_file() and not module_only:
-        _set_rng_state(files.load_weights_only(rng, mmap=False))
-    return client or {}
+        client["rng_restored"] = _set_rng_state(files.load_weights_only(rng, mmap=False))
+    return client

@@ -85,3 +85,51 @@ def build_model(cfg: ModelConfig, vocab_size: int, dims, precision: str, seed: i
     # DeepSpeed's pipeline topology has no cp axis: cp ranks are data-parallel ranks to it (ParallelDims).
     return build_pipeline(cfg, vocab_size, dims.tp, dims.pp, dims.dp_cp, precision, seed, sequence_parallel,
                           dims.ep)
+
+
+def compile_blocks(model: torch.nn.Module, dropout: float) -> tuple[int, int]:
+    """torch.compile each dense decoder layer of `model` (a CausalLM or this rank's pipeline stage)
+    in place, as torchtitan compiles each block: (layers compiled, blocks).
+
+    inductor then fuses the layer's element-wise chain: RoPE (megatron's unfused path recomputes
+    cos/sin and cats with an empty tensor at every call), SwiGLU, each residual add with the next
+    RMSNorm, the copies of q, k, v around attention. The matmuls and attention stay the same
+    kernels. `nn.Module.compile` keeps the state-dict keys (`torch.compile(module)` would prefix
+    them with `_orig_mod.`). The layers share one graph (the same code on the same shapes: dynamo
+    guards on their structure, not on which layer), compiled at the first step; shapes are static
+    (training's never change; validation, without grad, compiles once more, as does the no-grad
+    first pass of activation recompute). The Block around the layer stays eager: RoPE's angles are
+    cached per length, and recompute's checkpoint saves and restores the RNG states.
+
+    MoE layers stay eager: their experts' batches change size with the routing at every step.
+    With dropout, random ops run as eager's (inductor's `fallback_random`): the masks are eager's,
+    from megatron's RNG tracker, so recompute and resume replay them; dynamo cuts the layer's graph
+    where the tracker forks (around attention dropout).
+    """
+    from bigllm.model.llama import Block
+
+    _untraced_warnings()
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    options = {"fallback_random": True} if dropout > 0 else None
+    dense = [b for b in blocks if not b.moe]
+    for block in dense:
+        block.layer.compile(dynamic=False, options=options)
+    return len(dense), len(blocks)
+
+
+def _untraced_warnings() -> None:
+    """Let dynamo skip `warnings.warn` inside compiled code instead of cutting the graph there.
+
+    megatron-core's RowParallelLinear warns at every call on rank 0 (tp_group is None, a notice
+    bigllm's console filters anyway): dynamo cannot trace `warnings.warn`, so each layer would be
+    three graphs. Warnings raised in a compiled layer are dropped (older torch has no such switch:
+    the graphs are then cut, with the same results).
+    """
+    import warnings
+
+    from torch._dynamo import config
+
+    for name in ("ignore_logging_functions", "ignore_logger_methods"):
+        if hasattr(config, name):
+            getattr(config, name).add(warnings.warn)
+            return

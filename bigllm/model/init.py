@@ -36,9 +36,28 @@ def local_expert_offset(module: torch.nn.Module) -> int:
     return 0
 
 
+def _whole(module: torch.nn.Module):
+    """The module's parameters whole while it is filled: under DeepSpeed's ZeRO-3 `zero.Init` they
+    are partitioned as soon as their modules are built; gathered here one module at a time, and
+    partitioned again on exit with rank 0's values (every rank draws the same ones)."""
+    import contextlib
+
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
 @torch.no_grad()
 def initialize(module: torch.nn.Module, prefix: str, seed: int, std: float, num_layers: int) -> None:
     """Fill every parameter of `module` (whose canonical names start with `prefix`) in place."""
+    with _whole(module):
+        _fill(module, prefix, seed, std, num_layers)
+
+
+def _fill(module: torch.nn.Module, prefix: str, seed: int, std: float, num_layers: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 

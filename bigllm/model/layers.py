@@ -40,8 +40,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 # torchtitan's order: cuDNN, then flash, then memory-efficient, then the math fallback. Each
 # kernel refuses inputs it does not support (head size, dtype, dropout, masks), and dispatch
-# takes the first one that accepts.
+# takes the first one that accepts. Used only where the installed cuDNN is known good
+# (CUDNN_KNOWN_GOOD); elsewhere torch keeps its own order, and calls with a mask (evaluation,
+# generation) leave cuDNN out: cuDNN <= 9.15 returns wrong results for some masked lengths.
 CUDA_BACKEND_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+CUDNN_KNOWN_GOOD = 91600  # torch.backends.cudnn.version() of cuDNN 9.16
 
 
 def _backends(names=CUDA_BACKEND_ORDER) -> list:
@@ -50,34 +53,35 @@ def _backends(names=CUDA_BACKEND_ORDER) -> list:
     return [getattr(SDPBackend, n) for n in names]
 
 
-def kernel_priority(device: torch.device):
-    """The SDPA backend order for tensors on `device` (a context; nothing changes on the CPU)."""
+def kernel_priority(device: torch.device, masked: bool = False, cudnn_version: int | None = None):
+    """The SDPA backends for a call on `device` (a context; nothing changes on the CPU): cuDNN first
+    where its version is known good, else torch's own order, without cuDNN for masked calls."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    return sdpa_kernel(_backends(), set_priority=True)
+    cudnn = torch.backends.cudnn.version() if cudnn_version is None else cudnn_version
+    if (cudnn or 0) >= CUDNN_KNOWN_GOOD:
+        return sdpa_kernel(_backends(), set_priority=True)
+    if masked:
+        return sdpa_kernel(_backends(CUDA_BACKEND_ORDER[1:]))
+    return contextlib.nullcontext()
 
 
 def sdpa_backend(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, dropout: float = 0.0) -> str:
-    """The SDPA kernel that training's call would run on these shapes: the first of the priority
-    order that accepts them (each is tried alone on zeros of the real shape)."""
+    """The SDPA kernel that training's call would run on these shapes: torch's dispatcher asked
+    under training's `kernel_priority` (it runs no kernel, so it draws no random numbers: a
+    resumed run's dropout masks stay those of an uninterrupted one)."""
     if device.type != "cuda":
         return "cpu (torch's flash-attention kernel for CPU, or math)"
-    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    q = torch.zeros(batch, heads, seq, head_dim, dtype=dtype, device=device)
-    kv = torch.zeros(batch, kv_heads, seq, head_dim, dtype=dtype, device=device)
-    for name, backend in zip(CUDA_BACKEND_ORDER, _backends()):
-        try:
-            with sdpa_kernel([backend]):
-                F.scaled_dot_product_attention(q, kv, kv, dropout_p=dropout, is_causal=True,
-                                               enable_gqa=heads != kv_heads)
-            return name.lower().replace("_attention", "")
-        except RuntimeError:
-            continue
-    return "none"
+    q = torch.empty(batch, heads, seq, head_dim, dtype=dtype, device=device)
+    kv = torch.empty(batch, kv_heads, seq, head_dim, dtype=dtype, device=device)
+    with kernel_priority(device):
+        choice = torch._fused_sdp_choice(q, kv, kv, dropout_p=dropout, is_causal=True, enable_gqa=heads != kv_heads)
+    return SDPBackend(choice).name.lower().replace("_attention", "")
 
 
 class LocalAttention(torch.nn.Module):
@@ -105,7 +109,7 @@ class LocalAttention(torch.nn.Module):
         causal = attention_mask is None
         mask = None if causal else ~attention_mask  # SDPA: True = attend
         dropout = self.dropout if self.training else 0.0
-        with self._rng(dropout), kernel_priority(q.device):
+        with self._rng(dropout), kernel_priority(q.device, masked=not causal):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                  scale=self.softmax_scale, enable_gqa=self.gqa)  # [b, nq, sq, d]
         return out.permute(2, 0, 1, 3)

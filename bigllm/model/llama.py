@@ -64,9 +64,11 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
                        ep: int = 1) -> TransformerConfig:
     """megatron-core's TransformerConfig for our architecture.
 
-    Fusions that need apex or TransformerEngine stay off (see ../shared/NOTES-GPU.md); with SDPA
-    attention they matter little. Weights are allocated uninitialised on the current device and
-    filled by `bigllm.model.init` (`perform_initialization=False`).
+    megatron's fusions stay off: RoPE's, the masked softmax and the persistent norm need apex or
+    TransformerEngine (see ../shared/NOTES-GPU.md), and the layer's element-wise chain is fused by
+    compiling the whole layer instead (train.fusion, `bigllm.model.build.compile_blocks`). Weights
+    are allocated uninitialised on the current device and filled by `bigllm.model.init`
+    (`perform_initialization=False`).
     """
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -95,7 +97,12 @@ def transformer_config(cfg: ModelConfig, tp: int, precision: str, sequence_paral
         use_cpu_initialization=False,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
+        # megatron's fused bias-dropout-add and SwiGLU are `jit_fuser` functions, i.e. torch.compile
+        # of the same few element-wise ops: the compiled layer (train.fusion, `build.compile_blocks`)
+        # fuses those already, together with their neighbours, and an eager run (train.fusion=eager,
+        # or a machine where torch.compile cannot run) must not need the compiler. Both stay off.
         bias_dropout_fusion=False,
+        bias_activation_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -162,6 +169,7 @@ class Block(torch.nn.Module):
         self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
         self.rope = rotary_embedding(cfg, tcfg.kv_channels)
         self.recompute = cfg.activation_checkpointing
+        self.moe = cfg.is_moe_layer(layer_number - 1)
         self._cp_angles: dict = {}
         initialize(self, f"blocks.{layer_number - 1}.", seed, tcfg.init_method_std, tcfg.num_layers)
 

@@ -4,7 +4,8 @@
     count_params(cfg.model, vocab.padded)                        # what a checkpoint holds
     active_params(cfg.model, vocab.padded)                       # what one token uses (MoE: top_k experts)
     params_per_rank(cfg.model, vocab.padded, tp, pp, ep)         # per pipeline stage, one tp rank
-    flops_per_token(cfg.model, vocab.padded)                     # training FLOPs (MFU)
+    flops_per_token(cfg.model, vocab.padded, convention)         # training FLOPs (MFU), CONVENTIONS
+    peak_tflops(device_name)                                     # bf16 peak by device name
 
 `bigllm plan`, training's MFU, `convert`, `evaluate` and tools/gpu_check.py call these; none
 re-derives them. Shapes come from `bigllm.model.structure`, the head size from
@@ -110,22 +111,50 @@ def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
 
 
 # ----- FLOPs -----------------------------------------------------------------------------------
-def attention_flops_per_token(cfg: ModelConfig) -> float:
+# Two conventions for the attention scores (the only term they disagree on):
+#   "megatron": causal attention counts half of the score matrix, as Megatron-LM's
+#               num_floating_point_operations does (the FLOPs a causal kernel really runs).
+#   "full":     every query against every key position, as torchtitan and PaLM (appendix B) count.
+# MFU is printed by "megatron"; train_log.jsonl carries the "full" figure beside it.
+CONVENTIONS = ("megatron", "full")
+MFU_CONVENTION = "megatron"
+
+
+def attention_flops_per_token(cfg: ModelConfig, convention: str = MFU_CONVENTION) -> float:
     """Forward + backward FLOPs of the attention scores and their weighted sum per token:
-    3 x 2 matmuls x 2 FLOPs x (nq * d) x s per layer, over all key positions (full attention)."""
-    return 12.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * cfg.seq_length
+    3 (fwd + 2 bwd) x 2 matmuls (q k^T, p v) x 2 FLOPs x (nq * d) x s per layer over all key
+    positions ("full"), half of it for the causal triangle ("megatron")."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; use one of {CONVENTIONS}")
+    full = 12.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * cfg.seq_length
+    return full / 2 if convention == "megatron" else full
 
 
-def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token: 6 x (matmul params) + attention scores (PaLM appendix B); for a
+def flops_per_token(cfg: ModelConfig, vocab_size: int, convention: str = MFU_CONVENTION) -> float:
+    """Training FLOPs per token: 6 x (matmul params) + attention scores (see CONVENTIONS); for a
     MoE model the active matmul params (router, shared expert, top_k experts), as Megatron counts."""
-    return 6.0 * matmul_params(cfg, vocab_size) + attention_flops_per_token(cfg)
+    return 6.0 * matmul_params(cfg, vocab_size) + attention_flops_per_token(cfg, convention)
 
 
-def recompute_flops_per_token(cfg: ModelConfig) -> float:
+def recompute_flops_per_token(cfg: ModelConfig, convention: str = MFU_CONVENTION) -> float:
     """What activation recompute adds per token: one more forward of the blocks (2 FLOPs per
     matmul parameter, and the attention forward, a third of its training FLOPs)."""
     if not cfg.activation_checkpointing:
         return 0.0
     block_matmuls = block_params(cfg) - 2 * cfg.num_layers * cfg.hidden_size
-    return 2.0 * block_matmuls + attention_flops_per_token(cfg) / 3.0
+    return 2.0 * block_matmuls + attention_flops_per_token(cfg, convention) / 3.0
+
+
+# Dense bf16 peak TFLOP/s by device name (vendor data sheets, without sparsity); the first
+# pattern the lower-cased name contains wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("h200", 989.0), ("h100 nvl", 835.0), ("h100 pcie", 756.0), ("h100", 989.0),
+    ("a100", 312.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device named like torch.cuda.get_device_name() ("NVIDIA H100 80GB
+    HBM3"), or None when the name is not in PEAK_BF16_TFLOPS (MFU then needs train.peak_tflops)."""
+    name = device_name.lower()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)

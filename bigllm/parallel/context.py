@@ -54,7 +54,7 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
     cpu_compat.apply()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     launch, dims = resolve_dims(parallel)
     export_dist_env(launch)
@@ -81,9 +81,8 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
         from bigllm.parallel import experts
 
         experts.register_groups(dims.ep)
-    # megatron's tracker: a tp-rank-specific stream for dropout inside tensor-parallel regions.
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     pp_rank, dp_rank, cp_rank, tp_rank = dims.coords(launch.rank)
+    seed_tracker(pp_rank, seed)
     assert (tp_rank, cp_rank, dp_rank, pp_rank) == (
         parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_context_parallel_rank(),
         parallel_state.get_data_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()), \
@@ -91,6 +90,15 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
     device = torch.device(accel.device_name(launch.local_rank) if accel.device_name() == "cuda" else "cpu")
     return ParallelContext(dims=dims, rank=launch.rank, local_rank=launch.local_rank, tp_rank=tp_rank,
                            pp_rank=pp_rank, dp_rank=dp_rank, cp_rank=cp_rank, device=device, launch=launch)
+
+
+def seed_tracker(pp_rank: int, seed: int) -> None:
+    """megatron's RNG tracker: a tp-rank-specific stream for dropout inside tensor-parallel regions,
+    from seed + 100·pp_rank as Megatron-LM seeds it (else every pipeline stage would draw the
+    same tp-region dropout masks)."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
 
 
 def seed_dropout(ctx: ParallelContext, seed: int) -> None:

@@ -66,6 +66,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at every
+        # forward and every engine.step(); bigllm measures throughput itself (train/metrics.py).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "pipeline": pipeline_config(p.sequence_parallel),
     }
     if t.precision == "bf16":
@@ -75,6 +78,11 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims) -> dict:
             # ZeRO-2/3 their fp32 partitions). DeepSpeed has no fp32 accumulation at stage 0
             # ("unsupported mix"): there bf16 gradients accumulate in bf16 (the run says so at start).
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
+            # ... and reduce them over data-parallel ranks in fp32, as Megatron-LM does: DeepSpeed
+            # otherwise casts the fp32 sums to bf16 for the all-reduce / reduce-scatter (twice the
+            # bytes on the wire, no rounding of the summed gradients). At stage 0 the gradients are
+            # bf16 tensors already, so they are reduced in bf16.
+            ds["communication_data_type"] = "fp32"
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}

@@ -137,11 +137,20 @@ class Checkpointer:
         t0 = time.perf_counter()
         if meta.layout.same_files(now):
             client, how = engine_io.load(self.engine, tag_dir, self.ctx.rank), ""
+            if not client.get("rng_restored", True):
+                self._reseed(int(client["step"]))
+                how = ("; its RNG streams were saved on another device type, so they were re-seeded from "
+                       "train.seed and the step (dropout masks differ from an uninterrupted run on this device)")
         else:
             client = elastic.load_into(self.engine, Checkpoint(tag_dir, meta), self.ctx.tp_rank, now.tp, now.pp)
             self._reseed(int(client["step"]))
             how = (f"; resharded from {meta.layout} to {now}: each rank read its weights, fp32 masters and AdamW "
                    "moments from the source shards, RNG streams re-seeded from train.seed and the step")
+        from deepspeed.accelerator import get_accelerator
+
+        from bigllm.optim import set_kernel
+
+        set_kernel(self.engine.basic_optimizer, self.cfg.optim, get_accelerator().device_name())
         step, consumed = int(client["step"]), int(client["consumed_samples"])
         self.saved_step = step  # that checkpoint exists: never rewrite it (in another layout) at this step
         seconds = time.perf_counter() - t0
@@ -166,10 +175,8 @@ class Checkpointer:
 
     def _reseed(self, step: int) -> None:
         """After a layout change the saved RNG streams belong to other ranks: seed new ones per step."""
-        from megatron.core import tensor_parallel
-
-        from bigllm.parallel.context import seed_dropout
+        from bigllm.parallel.context import seed_dropout, seed_tracker
 
         seed = self.cfg.train.seed + 7919 * step
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        seed_tracker(self.ctx.pp_rank, seed)
         seed_dropout(self.ctx, seed)

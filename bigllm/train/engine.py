@@ -2,7 +2,8 @@
 
 The DeepSpeed JSON comes from `bigllm.parallel.ds_config` (saved beside each run, never written
 by hand), the optimizer and schedule from `bigllm.optim` (torch AdamW with two parameter groups,
-wrapped by DeepSpeed's ZeRO / bf16 optimizers).
+wrapped by DeepSpeed's ZeRO / bf16 optimizers). Before the engine wraps it, `fuse_layers` compiles
+the model's decoder layers where train.fusion asks for it and torch.compile runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, dims: ParallelDims, mpu
         from bigllm.parallel import experts
 
         experts.mark_expert_params(model, dims.ep)
-    optimizer = adamw(model, cfg.optim)
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = adamw(model, cfg.optim, get_accelerator().device_name())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims), mpu=mpu,
         lr_scheduler=lambda opt: lr_schedule(opt, cfg.optim, cfg.train.max_steps))
@@ -75,8 +78,50 @@ def _record_fp32_grad_norm(engine, optimizer) -> None:
     engine.clip_fp32_gradients = clip_and_record
 
 
-def describe_runtime(cfg: RunConfig, ctx) -> str:
-    """One line: device and backend, the attention kernel, numerics, communication settings."""
+def fuse_layers(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> str:
+    """train.fusion: compile the decoder layers of the model being trained (`compile_blocks`), when
+    the run's rule (`RunConfig.eager_reason`) asks for it on this device and torch.compile runs
+    here; what was done, for the runtime line. Evaluation and generation never compile (their
+    shapes change from call to call)."""
+    reason = cfg.eager_reason(device.type)
+    if reason:
+        return f"fusion off (eager: {reason})"
+    failure = compiler_failure(device)
+    if failure:
+        return f"fusion off (eager: torch.compile does not run on {device.type} here: {failure})"
+    from bigllm.model.build import compile_blocks
+
+    compiled, blocks = compile_blocks(model, cfg.model.dropout)
+    if not compiled:
+        return "fusion off (eager: MoE layers are not compiled)"
+    rest = f", {blocks - compiled} MoE layers eager" if compiled < blocks else ""
+    return f"fusion: torch.compile per decoder layer ({compiled} of this rank's {blocks} layers{rest})"
+
+
+def compiler_failure(device: torch.device) -> str | None:
+    """None when torch.compile (inductor) compiles and runs a small forward and backward on
+    `device`, else the reason in one line. On a GPU box inductor needs triton and a C compiler
+    (triton builds its launcher with one); a missing piece fails here, once, at start-up rather
+    than at the first step."""
+    import torch.nn.functional as F
+
+    def probe(x, w):  # a norm, an activation, a product: reduction and pointwise kernels
+        return F.silu(F.rms_norm(x, (x.size(-1),), w)) * x
+
+    x = torch.linspace(-2, 2, 64, device=device).view(4, 16).requires_grad_()
+    w = torch.ones(16, device=device, requires_grad=True)
+    try:
+        out = torch.compile(probe, dynamic=False)(x, w)
+        out.float().sum().backward()
+        return None
+    except Exception as exc:  # any failure of the compiler stack means: train eager
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0][:200] if lines else 'no message'}"
+
+
+def describe_runtime(cfg: RunConfig, ctx, fusion: str = "") -> str:
+    """One line: device and backend, the attention kernel, numerics, communication settings, and
+    `fusion` (what `fuse_layers` did)."""
     import os
 
     import torch.distributed as dist
@@ -102,4 +147,28 @@ def describe_runtime(cfg: RunConfig, ctx) -> str:
         parts.append(f"context parallel cp={p.cp} (DeepSpeed-Ulysses all-to-all)")
     if p.tp > 1:
         parts.append(f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')}")
+    if fusion:
+        parts.append(fusion)
     return " | ".join(parts)
+
+
+def partitioned_build(cfg: RunConfig, dims: ParallelDims, mpu):
+    """The context a ZeRO-3 model is built in (a no-op below stage 3): DeepSpeed's `zero.Init`
+    partitions each module's parameters over the data-parallel ranks as soon as the module is
+    built, so no rank ever holds the whole model; `bigllm.model.init` gathers one module at a
+    time to fill it."""
+    import contextlib
+
+    if cfg.parallel.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dims), mpu=mpu)
+
+
+def held_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this rank holds, parameters of its model): under ZeRO-3 the local partitions."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return held, whole
+

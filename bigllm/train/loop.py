@@ -129,6 +129,16 @@ class StopFlag:
         return self.reason is not None
 
 
+MODEL_FIELDS = ("tokens", "labels", "loss_mask")  # what a training step reads (not position_ids: RoPE makes its own)
+
+
+def to_device(batch: dict, device) -> dict:
+    """The fields a step reads, on `device`: on CUDA from pinned host memory, so the copy is
+    asynchronous (a copy from pageable memory makes the host wait for it)."""
+    pin = device.type == "cuda"
+    return {k: (batch[k].pin_memory() if pin else batch[k]).to(device, non_blocking=True) for k in MODEL_FIELDS}
+
+
 class Trainer:
     """One rank's training run: the engine and data stream, and the components that each decide
     their own `should_*(step)`: a checkpointer, a validator, a loss guard and a run logger."""
@@ -137,7 +147,7 @@ class Trainer:
         from bigllm.model.build import build_model
         from bigllm.parallel.context import MegatronMPU, seed_dropout
         from bigllm.train.checkpointer import Checkpointer
-        from bigllm.train.engine import build_engine
+        from bigllm.train.engine import build_engine, fuse_layers, held_params, partitioned_build
         from bigllm.train.faults import Faults
         from bigllm.train.guard import LossGuard
         from bigllm.train.logger import RunLogger
@@ -148,10 +158,14 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.tokenizer = load_tokenizer(cfg)
         self.vocab_size = model_vocab(cfg, self.tokenizer, dims.tp).padded
-        model = build_model(cfg.model, self.vocab_size, dims, t.precision, t.seed, cfg.parallel.sequence_parallel)
+        mpu = None if dims.pp > 1 else MegatronMPU()
+        with partitioned_build(cfg, dims, mpu):
+            model = build_model(cfg.model, self.vocab_size, dims, t.precision, t.seed, cfg.parallel.sequence_parallel)
+        self.held = held_params(model)  # before DeepSpeed: what building the model left on this rank
+        self.fusion = fuse_layers(cfg, model, ctx.device)
         seed_dropout(ctx, t.seed)
         self.pipeline = dims.pp > 1
-        self.engine = build_engine(cfg, model, dims, mpu=None if self.pipeline else MegatronMPU())
+        self.engine = build_engine(cfg, model, dims, mpu=mpu)
         self.faults = Faults.from_env()
         self.logger = RunLogger(self.run_dir, t, ctx.rank, config=to_dict(cfg))
         self.checkpointer = Checkpointer(self.engine, cfg, ctx, self.vocab_size, self.tokenizer.vocab_size,
@@ -191,27 +205,38 @@ class Trainer:
         batches = micro_batches(train_ds, self.consumed, t.global_batch_size, t.micro_batch_size, self.ctx.dp_rank,
                                 dims.dp, trace=sample_tracer(self.run_dir, self.ctx.rank))
         device = self.ctx.device
-        stream = ({k: v.to(device, non_blocking=True) for k, v in context_slice(b, self.ctx.cp_rank, dims.cp).items()}
-                  for b in batches)
+        stream = (to_device(context_slice(b, self.ctx.cp_rank, dims.cp), device) for b in batches)
         return stream, Validator(self.engine, valid_ds, t, self.ctx, self.pipeline)
 
     def fit(self) -> int:
         """Train to train.max_steps (exit 0), or save and stop early when asked (exit 3)."""
         from bigllm.model.sizes import flops_per_token
-        from bigllm.train.metrics import StepTimer
+        from bigllm.train.metrics import StepTimer, device_peak_tflops
 
         t = self.cfg.train
         self._prepare_run_dir()
         self.step, self.consumed = self.checkpointer.resume()
         stream, validator = self._data()
-        timer = StepTimer(t.global_batch_size * self.cfg.model.seq_length, flops_per_token(self.cfg.model,
-                          self.vocab_size), self.ctx.dims.world_size, t.max_steps, t.peak_tflops)
+        m = self.cfg.model
+        flops, flops_full = flops_per_token(m, self.vocab_size, "megatron"), flops_per_token(m, self.vocab_size, "full")
+        peak, source = device_peak_tflops(t.peak_tflops, self.ctx.device, t.precision)
+        timer = StepTimer(t.global_batch_size * m.seq_length, flops, self.ctx.dims.world_size, t.max_steps, peak,
+                          flops_full)
         stop, first_step, losses = StopFlag(t.max_wall_s), self.step, []
         from bigllm.train.engine import describe_runtime
 
-        self.logger.say(f"runtime: {describe_runtime(self.cfg, self.ctx)}")
+        from bigllm.optim import describe_kernel
+
+        self.logger.say(f"runtime: {describe_runtime(self.cfg, self.ctx, self.fusion)} | "
+                        f"{describe_kernel(self.engine.basic_optimizer)}")
         self.logger.say(f"training {self.cfg.model.num_layers}-layer model, layout {self.ctx.dims}, "
                         f"from step {self.step} to {t.max_steps}")
+        if self.cfg.parallel.zero_stage == 3:
+            self.logger.say(f"ZeRO-3: the model was built partitioned (deepspeed.zero.Init); rank {self.ctx.rank} "
+                            f"holds {self.held[0]:,} of its {self.held[1]:,} parameters")
+        self.logger.say(f"FLOPs per token {flops:.4g} by Megatron-LM's convention (causal attention at half; "
+                        f"{flops_full:.4g} with full attention, as torchtitan counts: train_log's *_full); "
+                        + (f"MFU against {peak:g} TFLOP/s ({source})" if peak else source))
         if self.step == 0 and t.eval_interval:
             self._validate(validator)  # the untrained model's perplexity, for comparison
         while self.step < t.max_steps:

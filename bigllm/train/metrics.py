@@ -8,13 +8,19 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StepTimer:
-    """Tokens/s, TFLOP/s per device, MFU and ETA over the last log interval."""
+    """Tokens/s, TFLOP/s per device, MFU and ETA over the last log interval.
+
+    `flops_per_token` is by Megatron-LM's convention (causal attention at half), `flops_full` by
+    torchtitan's (full attention); see `bigllm.model.sizes.CONVENTIONS`. The first gives
+    `tflops_per_device` and `mfu`, the second `tflops_per_device_full` and `mfu_full`.
+    """
 
     tokens_per_step: int
     flops_per_token: float
     world_size: int
     max_steps: int
     peak_tflops: float | None = None
+    flops_full: float | None = None
     _t0: float = field(default_factory=time.perf_counter)
     _steps: int = 0
     last_step_s: float = 0.0  # the latest step's seconds (the wall-clock budget plans with it)
@@ -27,12 +33,32 @@ class StepTimer:
         dt = max(time.perf_counter() - self._t0, 1e-9)
         steps, self._steps, self._t0 = self._steps, 0, time.perf_counter()
         tok_s = self.tokens_per_step * steps / dt
-        tflops = tok_s * self.flops_per_token / self.world_size / 1e12
-        out = {"tokens_per_s": tok_s, "tflops_per_device": tflops, "step_time_s": dt / max(steps, 1),
+        out = {"tokens_per_s": tok_s, "step_time_s": dt / max(steps, 1),
                "eta_s": (self.max_steps - step) * dt / max(steps, 1)}
-        if self.peak_tflops:
-            out["mfu"] = tflops / self.peak_tflops
+        for suffix, flops in (("", self.flops_per_token), ("_full", self.flops_full)):
+            if flops is None:
+                continue
+            tflops = tok_s * flops / self.world_size / 1e12
+            out[f"tflops_per_device{suffix}"] = tflops
+            if self.peak_tflops:
+                out[f"mfu{suffix}"] = tflops / self.peak_tflops
         return out
+
+
+def device_peak_tflops(configured: float | None, device, precision: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s for MFU, where it comes from): train.peak_tflops when set; else the bf16 peak
+    of a known CUDA device for a bf16/fp16 run (`bigllm.model.sizes.peak_tflops`); else None."""
+    from bigllm.model.sizes import peak_tflops
+
+    if configured:
+        return configured, "train.peak_tflops"
+    if getattr(device, "type", "cpu") != "cuda" or precision == "fp32":
+        return None, "no MFU: set train.peak_tflops"
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    peak = peak_tflops(name)
+    return peak, (f"the {name} bf16 peak" if peak else f"no MFU: {name} is not in the peak table, set train.peak_tflops")
 
 
 def memory_gb(device) -> float:
@@ -51,7 +77,7 @@ def format_line(step: int, max_steps: int, scalars: dict) -> str:
              f"grad_norm {scalars.get('grad_norm', float('nan')):.3f}", f"tok/s {scalars['tokens_per_s']:.0f}",
              f"TFLOP/s/dev {scalars['tflops_per_device']:.3f}"]
     if "mfu" in scalars:
-        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}% (Megatron)")
     if "moe_aux_loss" in scalars:
         parts.append(f"aux {scalars['moe_aux_loss']:.4f}")
     if "expert_load_max" in scalars:  # tokens of the least / most loaded expert over an even share

@@ -52,8 +52,9 @@ class StepRunner:
                 self.engine.backward(loss)
             if not boundary:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        stats = torch.stack([total, torch.tensor(float(count), device=device), bad,
-                             torch.tensor(float(want_stop), device=device)])
+        # torch.full fills on the device: no host-to-device copy (which would wait for the GPU)
+        stats = torch.stack([total, torch.full((), float(count), device=device), bad,
+                             torch.full((), float(want_stop), device=device)])
         dist.all_reduce(stats)  # the step's one collective (tp copies of a loss count alike in sum and count)
         loss_sum, n, n_bad, n_stop = stats.tolist()
         # A step whose micro-batches were all skipped has no loss of its own: report the running mean.
