@@ -1,49 +1,52 @@
 #!/usr/bin/env bash
 # One-shot GPU check of bigllm on a bare GPU machine (Python 3.12 + torch with CUDA, no network):
 #
-#   tools/gpu_check.sh [--wheels DIR] [--reinstall] [--out DIR] [--steps 30] [--quick] [--allow-cpu] [--skip CHECK]
+#   tools/gpu_check.sh [--wheels DIR]... [--site DIR] [--reinstall] [--out DIR] [--steps 10] [--quick]
+#                      [--allow-cpu] [--peak-tflops T] [--mfu-target F] [--skip CHECK]
 #
-# Installs the wheels of what the machine lacks (deepspeed, megatron-core, pydantic, ... built as the
-# README's "GPU check" section says) from DIR (default: .wheels/ of this checkout) into DIR/site, once,
-# puts it and the checkout on PYTHONPATH and runs tools/gpu_check.py, which prints a table: the SDPA
-# backend, tokens/s and MFU of a ~1B Llama in bf16 (seq 2048), peak memory against `bigllm plan`,
-# a bf16 save-and-resume and fp16 with loss scaling. Within 8 minutes on one H200.
+# Before anything runs, checks that every package the check imports (torch >= 2.6, deepspeed, megatron-core,
+# pydantic, hjson, msgpack, psutil, einops, pyyaml, sentencepiece, ...) either imports at a version
+# pyproject.toml allows or has a wheel in a --wheels folder (default .wheels/ of this checkout; repeatable,
+# e.g. WHEELS/common and one WHEELS/megatron-core-*); if not, one line names what is missing and the fix
+# (exit 2). The wheels go into --site (default .wheels/site), once: the next run with the same wheels reuses
+# it. Then tools/gpu_check.py prints a table (its docstring lists the rows and what fails them); the exit
+# code is the number of failed rows. About 7 minutes on one H100 (estimates in gpu_check.py).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-WHEELS=$ROOT/.wheels
-REINSTALL=""
+WHEEL_DIRS=()
+SITE=$ROOT/.wheels/site
+REINSTALL=()
 ARGS=()
 while [ $# -gt 0 ]; do
     case $1 in
-        --wheels) [ $# -ge 2 ] || { echo "gpu_check: error: --wheels needs a directory" >&2; exit 2; }
-                  WHEELS=$2; shift 2 ;;
-        --wheels=*) WHEELS=${1#--wheels=}; shift ;;
-        --reinstall) REINSTALL=1; shift ;;  # install the wheels even where the packages import already
-        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exec "$PY" "$ROOT/tools/gpu_check.py" --help ;;
+        --wheels|--site)
+            [ $# -ge 2 ] || { echo "gpu_check: error: $1 needs a directory" >&2; exit 2; }
+            if [ "$1" = --wheels ]; then WHEEL_DIRS+=("$2"); else SITE=$2; fi
+            shift 2 ;;
+        --wheels=*) WHEEL_DIRS+=("${1#--wheels=}"); shift ;;
+        --site=*) SITE=${1#--site=}; shift ;;
+        --reinstall) REINSTALL=(--reinstall); shift ;;  # install the wheels even where the packages import already
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exec "$PY" "$ROOT/tools/gpu_check.py" --help ;;
         *) ARGS+=("$1"); shift ;;
     esac
 done
+[ ${#WHEEL_DIRS[@]} -gt 0 ] || WHEEL_DIRS=("$ROOT/.wheels")
 
-if [ -z "$REINSTALL" ] && "$PY" -c "import deepspeed, megatron.core, pydantic" >/dev/null 2>&1; then
-    echo "gpu_check: deepspeed and megatron-core already importable; no wheels installed"
-else
-    shopt -s nullglob
-    wheels=("$WHEELS"/*.whl)
-    if [ ${#wheels[@]} -eq 0 ]; then
-        echo "gpu_check: error: deepspeed/megatron-core are not installed and $WHEELS holds no *.whl;" \
-             "build that folder on a machine with network access (README, 'GPU check') or pass --wheels DIR" >&2
-        exit 2
-    fi
-    SITE=$WHEELS/site
+# The wheels to install, one path a line (none when every package imports already), or exit 2 with the reason.
+wanted=$("$PY" "$ROOT/tools/gpu_check.py" --check-packages ${REINSTALL[@]+"${REINSTALL[@]}"} "${WHEEL_DIRS[@]}")
+if [ -n "$wanted" ]; then
+    mapfile -t wheels <<< "$wanted"
     stamp=$SITE/.installed
-    listing=$(cd "$WHEELS" && ls -1 ./*.whl | sort | tr '\n' ' ')
-    if [ -n "$REINSTALL" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$listing" ]; then
-        echo "gpu_check: installing ${#wheels[@]} wheels from $WHEELS into $SITE"
+    if [ ${#REINSTALL[@]} -gt 0 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+        echo "gpu_check: installing ${#wheels[@]} wheels into $SITE"
+        mkdir -p "$(dirname "$SITE")"
         rm -rf "$SITE.tmp"
         "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE.tmp" "${wheels[@]}"
         rm -rf "$SITE" && mv "$SITE.tmp" "$SITE"
-        echo "$listing" > "$stamp"
+        printf '%s\n' "$wanted" > "$stamp"
+    else
+        echo "gpu_check: the ${#wheels[@]} wheels are in $SITE already (--reinstall installs them again)"
     fi
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
