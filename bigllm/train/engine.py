@@ -119,14 +119,14 @@ def compiler_failure(device: torch.device) -> str | None:
         return f"{type(exc).__name__}: {lines[0][:200] if lines else 'no message'}"
 
 
-def describe_runtime(cfg: RunConfig, ctx, fusion: str = "") -> str:
-    """One line: device and backend, the attention kernel, numerics, communication settings, and
-    `fusion` (what `fuse_layers` did)."""
+def describe_runtime(cfg: RunConfig, ctx, model: torch.nn.Module, fusion: str = "") -> str:
+    """One line: device and backend, the core attention `model`'s layers were built with and its
+    kernel, numerics, communication settings, and `fusion` (what `fuse_layers` did)."""
     import os
 
     import torch.distributed as dist
 
-    from bigllm.model.layers import sdpa_backend
+    from bigllm.model.layers import core_attention, sdpa_backend
 
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
@@ -139,12 +139,13 @@ def describe_runtime(cfg: RunConfig, ctx, fusion: str = "") -> str:
         accumulation = "bf16 gradient accumulation (DeepSpeed accumulates in fp32 only at ZeRO 1-3)"
     else:
         accumulation = f"{t.precision}, fp32 gradient accumulation"
-    parts = [f"{ctx.device.type} ({dist.get_backend()})", f"attention SDPA [{kernel}]", accumulation,
+    attention, context = core_attention(model)
+    parts = [f"{ctx.device.type} ({dist.get_backend()})", f"attention {attention} [{kernel}]", accumulation,
              f"ZeRO-{p.zero_stage}" + (" overlap_comm" if p.zero_stage and p.pp == 1 else "")]
     if p.sequence_parallel:
         parts.append("sequence parallel")
     if p.cp > 1:
-        parts.append(f"context parallel cp={p.cp} (DeepSpeed-Ulysses all-to-all)")
+        parts.append(f"context parallel cp={p.cp} ({context or 'NOT installed: attention sees only its slice'})")
     if p.tp > 1:
         parts.append(f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')}")
     if fusion:
@@ -163,7 +164,10 @@ def partitioned_build(cfg: RunConfig, dims: ParallelDims, mpu):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dims), mpu=mpu)
+    # zero.Init partitions over the group it is given (all ranks by default, whatever mpu says): the
+    # engine's data-parallel group (dp x cp), so the partitions are those the engine would cut.
+    return deepspeed.zero.Init(data_parallel_group=mpu.get_data_parallel_group(),
+                               config_dict_or_path=deepspeed_config(cfg, dims), mpu=mpu)
 
 
 def held_params(model: torch.nn.Module) -> tuple[int, int]:
