@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv quickstart test clean
+.PHONY: venv quickstart test test-quick clean
 
 $(BIN)/bigllm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ quickstart: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# The development loop's tier: the unit tests and one parity run (golden losses), a few minutes.
+# CI and the README's command run the whole suite (`make test`).
+test-quick: venv
+	$(BIN)/python -m pytest -q -m "not slow or quick" tests
 
 clean:
 	rm -rf $(VENV) quickstart runs

@@ -147,7 +147,7 @@ CASES = [
                                                      str(ws / "big-tok"), "--prompt", "hello"],
      ["has 700 tokens but the model"]),
     ("unsupported-hf-architecture", lambda ws: ["convert", "from-hf", "--input", str(ws / "gpt2-hf"), "--output",
-                                                str(ws / "out")], ["gpt2"]),
+                                                str(ws / "out")], ["model_type='gpt2'", "bigllm converts llama"]),
     ("reshard-tp-not-dividing-heads", lambda ws: ["convert", "reshard", "--checkpoint", str(ws / "run"), "--tp", "3",
                                                   "--pp", "1", "--output", str(ws / "out")], ["tp=3"]),
     ("slurm-zero-nodes", lambda ws: ["slurm", "submit", str(TINY), "--nodes", "0", "--gpus-per-node", "0", "--time", "5",
@@ -227,63 +227,72 @@ def _tag(run: Path) -> Path:
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
+# What each damaged file's one line must say: the file and what is wrong with it (the cause), and
+# what to do (the fix), whatever the damage (the cause's wording differs between damages only in its detail).
+SPM = ["tokenizer.model is not a readable SentencePiece model", "train a new one with: bigllm tokenizer train"]
+IDX = ["shard.idx is", "re-run `bigllm preprocess --output-prefix", "--overwrite`"]
+BIN = ["shard.bin has", "do not belong together or one is truncated", "re-run `bigllm preprocess --output-prefix"]
+SHARD = ["mp_rank_00_model_states.pt", "from a copy"]
+META = ["meta.json is not readable JSON", "the checkpoint is damaged: use an earlier one or re-save it"]
+SAFETENSORS = ["model.safetensors", "the file is damaged or truncated", "download or export the Hugging Face dir"]
+HF_CONFIG = ["config.json is not readable JSON", "fix or re-download the Hugging Face dir"]
+JSONL = ["corpus.jsonl:", "pass --skip-bad to skip and count such records"]
+
 # (object copied, file inside it to damage, damages, {command: (argv builder(ws, copy), substrings)})
 _EVAL = lambda ws, ck: ["evaluate", "perplexity", "--checkpoint", str(ck), "--data", str(ws / "good.jsonl")]
 CORRUPTIONS = {
     "tokenizer": ("tok", lambda c: c / "tokenizer.model", ["empty", "head", "half", "flip0"], {
         "preprocess": (lambda ws, c: ["preprocess", "--input", str(ws / "good.jsonl"), "--tokenizer", str(c),
-                                      "--output-prefix", str(ws / "out")], ["not a readable SentencePiece model"]),
+                                      "--output-prefix", str(ws / "out")], SPM),
         "train": (lambda ws, c: ["train", str(TINY), *base_overrides(c, ws / "shard", ws / "new-run")],
-                  ["not a readable SentencePiece model"]),
-        "evaluate": (lambda ws, c: [*_EVAL(ws, ws / "run"), "--tokenizer", str(c)],
-                     ["not a readable SentencePiece model"]),
+                  SPM),
+        "evaluate": (lambda ws, c: [*_EVAL(ws, ws / "run"), "--tokenizer", str(c)], SPM),
     }),
     "idx": ("shard", lambda c: Path(f"{c}.idx"), ["empty", "head", "half"], {
-        "train": (lambda ws, c: ["train", str(TINY), *base_overrides(ws / "tok", c, ws / "new-run")], [".idx"]),
-        "evaluate": (lambda ws, c: ["evaluate", "perplexity", "--checkpoint", str(ws / "run"), "--data", str(c)],
-                     [".idx"]),
-        "merge": (lambda ws, c: ["preprocess", "--merge", str(c), "--output-prefix", str(ws / "out")], [".idx"]),
+        "train": (lambda ws, c: ["train", str(TINY), *base_overrides(ws / "tok", c, ws / "new-run")], IDX),
+        "evaluate": (lambda ws, c: ["evaluate", "perplexity", "--checkpoint", str(ws / "run"), "--data", str(c)], IDX),
+        "merge": (lambda ws, c: ["preprocess", "--merge", str(c), "--output-prefix", str(ws / "out")], IDX),
     }),
     "bin": ("shard", lambda c: Path(f"{c}.bin"), ["empty", "half"], {
         "train": (lambda ws, c: ["train", str(TINY), *base_overrides(ws / "tok", c, ws / "new-run")],
-                  ["do not belong together or one is truncated"]),
+                  BIN),
         "evaluate": (lambda ws, c: ["evaluate", "perplexity", "--checkpoint", str(ws / "run"), "--data", str(c)],
-                     ["do not belong together or one is truncated"]),
+                     BIN),
         "merge": (lambda ws, c: ["preprocess", "--merge", str(c), "--output-prefix", str(ws / "out")],
-                  ["do not belong together or one is truncated"]),
+                  BIN),
     }),
     "checkpoint-shard": ("run", lambda c: _tag(c) / "mp_rank_00_model_states.pt", ["head", "half", "flip0"], {
         "consolidate": (lambda ws, c: ["convert", "consolidate", "--checkpoint", str(c), "--output", str(ws / "out")],
-                        ["mp_rank_00_model_states.pt"]),
-        "evaluate": (lambda ws, c: _EVAL(ws, c), ["mp_rank_00_model_states.pt"]),
+                        SHARD),
+        "evaluate": (lambda ws, c: _EVAL(ws, c), SHARD),
         "to-hf": (lambda ws, c: ["convert", "to-hf", "--checkpoint", str(c), "--output", str(ws / "out")],
-                  ["mp_rank_00_model_states.pt"]),
+                  SHARD),
     }),
     "meta.json": ("run", lambda c: _tag(c) / "meta.json", ["empty", "half", "flip0"], {
         "consolidate": (lambda ws, c: ["convert", "consolidate", "--checkpoint", str(c), "--output", str(ws / "out")],
-                        ["meta.json"]),
-        "evaluate": (lambda ws, c: _EVAL(ws, c), ["meta.json"]),
+                        META),
+        "evaluate": (lambda ws, c: _EVAL(ws, c), META),
     }),
     "safetensors": ("hf", lambda c: c / "model.safetensors", ["empty", "head", "half", "flip0"], {
-        "evaluate": (lambda ws, c: _EVAL(ws, c), ["model.safetensors"]),
+        "evaluate": (lambda ws, c: _EVAL(ws, c), SAFETENSORS),
         "from-hf": (lambda ws, c: ["convert", "from-hf", "--input", str(c), "--output", str(ws / "out")],
-                    ["model.safetensors"]),
+                    SAFETENSORS),
     }),
     "hf-config": ("hf", lambda c: c / "config.json", ["empty", "half", "flip0"], {
-        "evaluate": (lambda ws, c: _EVAL(ws, c), ["config.json"]),
+        "evaluate": (lambda ws, c: _EVAL(ws, c), HF_CONFIG),
         "from-hf": (lambda ws, c: ["convert", "from-hf", "--input", str(c), "--output", str(ws / "out")],
-                    ["config.json"]),
+                    HF_CONFIG),
     }),
     "yaml": ("config", lambda c: c, ["half", "flip0"], {
-        "train": (lambda ws, c: ["train", str(c)], ["config.yaml"]),
+        "train": (lambda ws, c: ["train", str(c)], ["config.yaml", "restore"]),
     }),
     "jsonl": ("jsonl", lambda c: c, ["half", "flip100"], {
         "preprocess": (lambda ws, c: ["preprocess", "--input", str(c), "--tokenizer", str(ws / "tok"),
-                                      "--output-prefix", str(ws / "out")], ["corpus.jsonl:"]),
+                                      "--output-prefix", str(ws / "out")], JSONL),
         "evaluate": (lambda ws, c: ["evaluate", "perplexity", "--checkpoint", str(ws / "run"), "--data", str(c)],
-                     ["corpus.jsonl:"]),
+                     JSONL),
         "tokenizer": (lambda ws, c: ["tokenizer", "train", "--input", str(c), "--vocab-size", "300", "--output",
-                                     str(ws / "new-tok")], ["corpus.jsonl:"]),
+                                     str(ws / "new-tok")], JSONL),
     }),
 }
 CORRUPT_CASES = [(kind, how, command) for kind, (_, _, hows, commands) in CORRUPTIONS.items()

@@ -104,10 +104,17 @@ def test_reshard_resumes_with_the_moments(runs, data, tmp_path):
     tok, prefix = data
     orig = tmp_path / "orig"
     shutil.copytree(runs[(1, 2)], orig)
+    from train_utils import launch
+
     for out, extra in (("new", []), ("reset", ["--reset-optimizer"])):
         proc = cli("reshard", "--checkpoint", runs[(1, 2)], "--tp", 2, "--pp", 1, "--output", tmp_path / out, *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        run_ok(2, small_overrides(tok, prefix, tmp_path / out, 2, 1, steps=4))
+        if out == "new":  # the README's way: train the resharded run dir from its own config.yaml
+            proc = launch(2, ["train", tmp_path / out / "config.yaml", "train.max_steps=4"])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "resumed from" in proc.stdout and "at step 2 (8 samples consumed)" in proc.stdout
+        else:
+            run_ok(2, small_overrides(tok, prefix, tmp_path / out, 2, 1, steps=4))
     run_ok(2, small_overrides(tok, prefix, orig, 1, 2, steps=4))
     a, b, reset = (train_losses(tmp_path / n) for n in ("orig", "new", "reset"))
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == sorted(reset) == [3, 4]  # the resharded dirs start at 2

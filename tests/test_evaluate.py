@@ -181,21 +181,33 @@ def test_several_processes_that_do_not_fit_the_layout_fail_in_one_line(tiny, tmp
 
 
 
-def test_a_cp_that_splits_heads_or_windows_is_refused_before_any_process_group(tiny):
-    """--cp must give each rank whole heads (tiny at tp=2: 1 kv head per rank) and equal window slices."""
-    from bigllm.checkpoint import open_checkpoint
-    from bigllm.errors import ConfigError
-    from bigllm.evaluate.parallel import _eval_run_config
+def test_a_cp_that_splits_heads_or_windows_is_refused_before_any_process_group(tiny, tmp_path):
+    """--cp must give each rank whole heads (tiny at tp=2: 1 kv head per rank) and equal window
+    slices. `bigllm evaluate perplexity` runs as rank 0 of a 2-process world whose other rank never
+    comes and whose master port nobody serves: creating a process group would wait there until
+    its timeout; the refusal is one line naming the cause, at once, with no traceback, and writes
+    nothing."""
+    import subprocess
+    import sys
 
-    ckpt = open_checkpoint(str(tiny["run"]), warn=lambda message: None)
-    with pytest.raises(ConfigError, match=r"--cp=2 does not divide the attention heads of a tensor-parallel rank"):
-        _eval_run_config(ckpt, cp=2)
-    from types import SimpleNamespace
+    from bigllm.convert.reshard import reshard
+    from train_utils import ROOT, clean_env, free_port
 
-    ckpt = SimpleNamespace(cfg=ckpt.cfg, zero_stage=ckpt.zero_stage, tp=1, pp=1)  # a tp=1 copy's: windows decide
-    with pytest.raises(ConfigError, match=r"--seq-len=47 is not divisible by --cp=2"):
-        _eval_run_config(ckpt, cp=2, seq_len=47)
-    assert _eval_run_config(ckpt, cp=2, seq_len=48).parallel.cp == 2
+    tp1 = reshard(tiny["run"], 1, 1, tmp_path / "tp1", reset_optimizer=True)
+    world = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()))
+    for checkpoint, extra, cause in (
+            (tiny["run"], (), "--cp=2 does not divide the attention heads of a tensor-parallel rank"),
+            (tp1, ("--seq-len", "47"), "--seq-len=47 is not divisible by --cp=2")):
+        report = tmp_path / "r.json"
+        argv = ["evaluate", "perplexity", "--checkpoint", checkpoint, "--data", tiny["heldout"], "--seq-len", 48,
+                "--batch-size", 4, "--output", report, "--quiet", "--cp", 2, *extra]
+        proc = subprocess.run([sys.executable, "-m", "bigllm", *map(str, argv)], capture_output=True, text=True,
+                              timeout=120, env=clean_env(**world), cwd=ROOT)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith("bigllm evaluate: error: ") and cause in lines[0], lines
+        assert not report.exists()
 
 
 def test_hf_dir_without_sentencepiece_file_uses_its_transformers_tokenizer(lm, tiny, tmp_path):

@@ -281,7 +281,9 @@ def test_every_feature_matches_one_process(nproc, extra, features_reference, tok
     assert sorted(got) == sorted(want)
     # ZeRO-3 sums the squares of its partitions in another order: 1.1e-4 of the norm measured here
     # (7.7e-5 for the plain model on another corpus); a wrong reduction doubles it
-    norm_rtol = 3e-4 if extra.get("parallel.zero_stage") == 3 else 1e-4
+    # tp2 x pp2 with SP and recompute: 1.03e-4 on one 2-core CPU (fails at 1e-4 there since before
+    # the GPU work, b768536; CI's CPU stayed under), so 1.5e-4
+    norm_rtol = 3e-4 if extra.get("parallel.zero_stage") == 3 else 1.5e-4 if extra.get("parallel.pp") else 1e-4
     for step in want:
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-5, (step, got[step], want[step])
         assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) <= norm_rtol * want[step]["grad_norm"], step

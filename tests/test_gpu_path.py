@@ -88,6 +88,7 @@ def _count_syncs(tmp_path, tokenizer_dir, shard_prefix, *overrides) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", [
     ("parallel.zero_stage=0", "train.precision=fp32"),
     ("parallel.zero_stage=2", "train.precision=bf16"),
@@ -121,6 +122,7 @@ def _as_if_saved_on_cuda(tag_dir) -> None:
     (tag_dir / "meta.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 def test_resume_from_another_device_type_and_kernel(tmp_path, tokenizer_dir, shard_prefix):
     """A bf16 ZeRO-1 run (DeepSpeed's BF16_Optimizer) trains 4 steps with torch's default AdamW
     kernel, saving at step 2. Its step-2 checkpoint, with RNG streams as a CUDA run writes them,

@@ -48,6 +48,7 @@ def _assert_same(got: dict, reference: dict, atol: float = ATOL):
         assert abs(got[step]["grad_norm"] - want["grad_norm"]) <= NORM_RTOL * want["grad_norm"], (step, got[step], want)
 
 
+@pytest.mark.quick
 def test_loss_falls_and_matches_golden(reference):
     assert reference[PARITY_STEPS]["loss"] < reference[1]["loss"] - 0.05
     golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
@@ -64,12 +65,15 @@ def test_loss_falls_and_matches_golden(reference):
 def test_model_parallel_matches_single_process(nproc, extra, reference, tokenizer_dir, shard_prefix, tmp_path):
     proc = run_ok(nproc, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **extra))
     _assert_same(parity_record(tmp_path), reference)
-    runtime = next(line for line in proc.stdout.splitlines() if "runtime:" in line)
-    assert "attention SDPA" in runtime
+    runtimes = [line for line in proc.stdout.splitlines() if "runtime:" in line]
+    assert sorted(line.split("]")[0] for line in runtimes) == [f"[bigllm rank {r}" for r in range(nproc)]  # one each
+    runtime = runtimes[0]
+    assert "attention SDPAttention [" in runtime  # the class the layer spec built, not a literal
     if extra.get("parallel.tp", 1) > 1:  # set by bigllm for tp > 1 before the CUDA context exists
         assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in runtime
     assert ("sequence parallel" in runtime) == ("parallel.sequence_parallel" in extra)
-    assert ("context parallel cp=2" in runtime) == ("parallel.cp" in extra)
+    assert ("context parallel cp=2 (DeepSpeed-Ulysses DistributedAttention all-to-all)" in runtime) == (
+        "parallel.cp" in extra)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def _refusal(path, exc: Exception) -> CheckpointError:
         detail = next((l.strip() for l in lines if "GLOBAL" in l), lines[0] if lines else "")
         return CheckpointError(f"refusing to load {path}: it holds pickled objects that are not tensors or plain "
                                f"data ({detail}); bigllm only loads checkpoints with weights_only=True. Use a "
-                               "checkpoint written by bigllm")
+                               "checkpoint written by bigllm (a damaged file fails this way too: restore it from a "
+                               "copy or use an earlier checkpoint)")
     first = lines[0] if lines else type(exc).__name__
     return CheckpointError(f"cannot read {path}: {first}; the file is damaged or truncated: use an earlier "
                            "checkpoint or re-save it")

@@ -51,7 +51,8 @@ class HFModel:
             try:
                 out.update(load_file(str(f)))
             except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot read {f}: {exc}; the file is damaged or truncated") from None
+                raise CheckpointError(f"cannot read {f}: {exc}; the file is damaged or truncated: download or "
+                                      "export the Hugging Face dir again") from None
         return out
 
     def weights(self, dtype: str = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ def resolve_tag_dir(path: Path, warn=print) -> Path:
         found = find_resumable(run_dir, warn=lambda message: (problems.append(message), warn(message)))
         if found is None:
             why = f": {problems[0].removeprefix('warning: ').split('; trying')[0]}" if problems else ""
-            raise CheckpointError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/{why}")
+            raise CheckpointError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/{why}; restore "
+                                  "the damaged file from a copy, or start a new run dir")
         return checkpoint_root(run_dir) / found[0]
     raise CheckpointError(f"'{path}' is neither a bigllm checkpoint (no meta.json, no checkpoints/) nor a Hugging "
                           "Face directory (no config.json); give a run dir, RUN_DIR/checkpoints/step_N or a "

@@ -157,6 +157,18 @@ class SDPAttention(torch.nn.Module):
         return out.reshape(sq, b, heads * d)
 
 
+def core_attention(model: torch.nn.Module) -> tuple[str, str | None]:
+    """(the class of the core attention the model's layers were built with, the context-parallel
+    wrapper around it or None): what the runtime line reports, read from the built modules."""
+    for module in model.modules():
+        core = getattr(module, "core_attention", None)
+        if core is not None:
+            ulysses = getattr(core, "ulysses", None)
+            wrapper = None if ulysses is None else f"DeepSpeed-Ulysses {type(ulysses).__name__} all-to-all"
+            return type(core).__name__, wrapper
+    return "none (no attention layer on this rank)", None
+
+
 class RMSNorm(torch.nn.Module):
     """x / rms(x) * weight over the last dim: hidden [s, b, h] -> [s, b, h] (s/tp with SP).
 

@@ -37,7 +37,7 @@ def check_wandb(wandb_cfg) -> None:
 
 class RunLogger:
     def __init__(self, run_dir: Path, train_cfg, rank: int, config: dict | None = None):
-        self.run_dir, self.cfg, self.lead = Path(run_dir), train_cfg, rank == 0
+        self.run_dir, self.cfg, self.rank, self.lead = Path(run_dir), train_cfg, rank, rank == 0
         self.config = config or {}  # the resolved run config, for W&B
         self.writer = None
         self.log_file = None
@@ -70,6 +70,10 @@ class RunLogger:
     def say(self, message: str) -> None:
         if self.lead:
             print(f"[bigllm] {message}", file=sys.stdout, flush=True)
+
+    def say_every_rank(self, message: str) -> None:
+        """A line from every rank (what differs between ranks: device, kernels), tagged with the rank."""
+        print(f"[bigllm rank {self.rank}] {message}", file=sys.stdout, flush=True)
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps

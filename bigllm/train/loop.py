@@ -223,12 +223,11 @@ class Trainer:
         timer = StepTimer(t.global_batch_size * m.seq_length, flops, self.ctx.dims.world_size, t.max_steps, peak,
                           flops_full)
         stop, first_step, losses = StopFlag(t.max_wall_s), self.step, []
+        from bigllm.optim import describe_kernel
         from bigllm.train.engine import describe_runtime
 
-        from bigllm.optim import describe_kernel
-
-        self.logger.say(f"runtime: {describe_runtime(self.cfg, self.ctx, self.fusion)} | "
-                        f"{describe_kernel(self.engine.basic_optimizer)}")
+        runtime = describe_runtime(self.cfg, self.ctx, self.engine.module, self.fusion)
+        self.logger.say_every_rank(f"runtime: {runtime} | {describe_kernel(self.engine.basic_optimizer)}")
         self.logger.say(f"training {self.cfg.model.num_layers}-layer model, layout {self.ctx.dims}, "
                         f"from step {self.step} to {t.max_steps}")
         if self.cfg.parallel.zero_stage == 3:
