@@ -314,7 +314,7 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 50
-    eval_iters: int = 4
+    eval_iters: int = 4  # global batches per validation (Megatron's meaning: the same set at any layout)
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 2
     # Write checkpoints in the background: the state is copied to host buffers while the next

@@ -232,12 +232,18 @@ def test_indivisible_global_batch_is_a_config_error():
         next(micro_batches(IndexDataset(100), 0, 10, 2, 0, 2))
 
 
-def test_eval_batches_are_fixed_and_split_by_rank():
+def test_eval_batches_are_fixed_and_the_same_set_at_any_layout():
+    """eval_iters=3 global batches of 8: samples 0-23 at every call, whatever dp and micro-batch size."""
     ds = IndexDataset(100)
-    r0 = [b["tokens"][:, 0].tolist() for b in eval_batches(ds, 3, 2, 0, 2)]
-    r1 = [b["tokens"][:, 0].tolist() for b in eval_batches(ds, 3, 2, 1, 2)]
-    assert r0 == [[0, 1], [4, 5], [8, 9]] and r1 == [[2, 3], [6, 7], [10, 11]]
-    assert r0 == [b["tokens"][:, 0].tolist() for b in eval_batches(ds, 3, 2, 0, 2)]
+
+    def read(micro, dp):
+        return [[b["tokens"][:, 0].tolist() for b in eval_batches(ds, 3, 8, micro, r, dp)] for r in range(dp)]
+
+    r0, r1 = read(2, 2)
+    assert r0 == [[0, 1], [2, 3], [8, 9], [10, 11], [16, 17], [18, 19]] and r1[0] == [4, 5]
+    assert read(2, 2) == [r0, r1]  # the same batches at every evaluation
+    for micro, dp in ((2, 2), (4, 1), (1, 4), (8, 1)):
+        assert sorted(i for rank in read(micro, dp) for b in rank for i in b) == list(range(24)), (micro, dp)
 
 
 def test_micro_batches_on_a_real_gpt_dataset(shards, tmp_path):

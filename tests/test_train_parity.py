@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from train_utils import (PARITY, PARITY_STEPS, base_overrides, deepspeed_launch, parity_record, run_ok,
-                         torchrun)
+                         torchrun, train_log)
 
 pytestmark = pytest.mark.slow
 ATOL = 1e-5  # losses
@@ -29,14 +29,21 @@ ATOL = 1e-5  # losses
 # 5e-5 of it on some corpora (measured), while a dp reduction bug (a sum instead of a mean) doubles it.
 NORM_RTOL = 1e-4
 GOLDEN = Path(__file__).parent / "golden" / "tiny_tp1_losses.json"
+VALIDATE = {"train.eval_interval": 3}  # validation (eval_iters 2) before step 1 and after steps 3 and 6
 
 
 @pytest.fixture(scope="module")
-def reference(tokenizer_dir, shard_prefix, tmp_path_factory):
-    """Losses and grad norms of the single-process run (tp = pp = dp = 1)."""
+def reference_dir(tokenizer_dir, shard_prefix, tmp_path_factory):
+    """The single-process run (tp = pp = dp = 1), validating before step 1 and after steps 3 and 6."""
     run_dir = tmp_path_factory.mktemp("ref")
-    run_ok(1, base_overrides(tokenizer_dir, shard_prefix, run_dir, **PARITY))
-    record = parity_record(run_dir)
+    run_ok(1, base_overrides(tokenizer_dir, shard_prefix, run_dir, **PARITY, **VALIDATE))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    """Its losses and grad norms."""
+    record = parity_record(reference_dir)
     assert sorted(record) == list(range(1, PARITY_STEPS + 1))
     return record
 
@@ -93,6 +100,20 @@ def test_tensor_and_context_parallel_match_single_process(extra, reference_kv4, 
     run_ok(4, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **{
         "model.num_kv_heads": 4, "parallel.tp": 2, "parallel.cp": 2, **extra}))
     _assert_same(parity_record(tmp_path), reference_kv4)
+
+
+def test_context_and_data_parallel_with_zero3_match_single_process(reference, reference_dir, tokenizer_dir,
+                                                                   shard_prefix, tmp_path):
+    """cp=2 x dp=2 on 4 processes (ranks ordered tp, cp, dp: the cp pairs are (0, 1) and (2, 3)),
+    ZeRO-3 partitioning the weights over all 4 (DeepSpeed's data-parallel group is dp x cp), and
+    validation at cp=2: the single-process losses, gradient norms and validation losses."""
+    run_ok(4, base_overrides(tokenizer_dir, shard_prefix, tmp_path, **PARITY, **VALIDATE, **{
+        "parallel.cp": 2, "parallel.zero_stage": 3}))
+    _assert_same(parity_record(tmp_path), reference)
+    valid, want_valid = train_log(tmp_path, "valid/loss"), train_log(reference_dir, "valid/loss")
+    assert sorted(valid) == sorted(want_valid) == [0, 3, PARITY_STEPS]
+    for step, want in want_valid.items():
+        assert abs(valid[step] - want) <= ATOL, (step, valid[step], want)
 
 
 def test_context_parallel_resume_across_cp_sizes(reference, tokenizer_dir, shard_prefix, tmp_path):

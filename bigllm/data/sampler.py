@@ -52,17 +52,17 @@ def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_
         step_start += global_batch_size
 
 
-def eval_batches(dataset, num_batches: int, micro_batch_size: int, dp_rank: int,
+def eval_batches(dataset, eval_iters: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The same `num_batches` micro batches every call: the first num_batches * micro * dp samples.
-
-    Batch k covers samples [k*micro*dp, (k+1)*micro*dp), this rank taking its contiguous micro
-    slice, so validation loss is comparable across steps.
+    """This rank's micro batches of the same `eval_iters` global batches at every call (Megatron's
+    meaning of eval_iters): samples [0, eval_iters * global), split as training splits a step, so
+    the validation set, and its loss, do not depend on the layout (dp, cp, micro-batch size).
     """
-    if num_batches < 0:
-        raise ConfigError(f"num_batches must be >= 0, got {num_batches}")
-    batches = micro_batches(dataset, 0, micro_batch_size * dp_size, micro_batch_size, dp_rank, dp_size)
-    return itertools.islice(batches, num_batches)
+    if eval_iters < 0:
+        raise ConfigError(f"eval_iters must be >= 0, got {eval_iters}")
+    per_iter = grad_accum_steps(global_batch_size, micro_batch_size, dp_size)
+    batches = micro_batches(dataset, 0, global_batch_size, micro_batch_size, dp_rank, dp_size)
+    return itertools.islice(batches, eval_iters * per_iter)
 
 
 def context_slice(batch: dict[str, torch.Tensor], cp_rank: int, cp: int) -> dict[str, torch.Tensor]:

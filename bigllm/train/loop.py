@@ -197,7 +197,7 @@ class Trainer:
         from bigllm.train.validator import Validator
 
         t, dims = self.cfg.train, self.ctx.dims
-        sizes = (t.global_batch_size * t.max_steps, t.eval_iters * t.micro_batch_size * dims.dp, 0)
+        sizes = (t.global_batch_size * t.max_steps, t.eval_iters * t.global_batch_size, 0)
         train_ds, valid_ds, _ = build_gpt_datasets(self.cfg.data, self.cfg.model.seq_length, t.seed,
                                                    self.tokenizer, sizes)
         from bigllm.train.faults import sample_tracer

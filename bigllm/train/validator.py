@@ -24,19 +24,22 @@ class Validator:
 
     @torch.no_grad()
     def run(self) -> tuple[float, float]:
-        """Mean loss over train.eval_iters micro-batches per dp rank, averaged over dp (x cp) ranks."""
+        """Mean loss over train.eval_iters global batches (each rank's micro-batches of them, then
+        averaged over dp (x cp) ranks)."""
         from megatron.core import parallel_state
 
         from bigllm.data.sampler import context_slice, eval_batches
 
         cfg, ctx = self.cfg, self.ctx
-        batches = eval_batches(self.dataset, cfg.eval_iters, cfg.micro_batch_size, ctx.dp_rank, ctx.dims.dp)
+        batches = eval_batches(self.dataset, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size, ctx.dp_rank,
+                               ctx.dims.dp)
         batches = ({k: v.to(ctx.device) for k, v in context_slice(b, ctx.cp_rank, ctx.dims.cp).items()}
                    for b in batches)
         self.engine.eval()
         if self.pipeline:
             pipe_iter = ((b["tokens"], (b["labels"], b["loss_mask"])) for b in batches)
-            loss = self.engine.eval_batch(pipe_iter, num_micro_batches=cfg.eval_iters).detach().float()
+            loss = self.engine.eval_batch(pipe_iter, num_micro_batches=cfg.eval_iters * ctx.dims.grad_accum_steps(
+                cfg.global_batch_size, cfg.micro_batch_size)).detach().float()
             loss = loss.to(ctx.device).reshape(())
         else:
             loss = torch.stack([self.engine(b["tokens"], b["labels"], b["loss_mask"]).float() for b in batches]).mean()
