@@ -72,18 +72,12 @@ def test_peak_tflops_by_device_name():
 def _count_syncs(tmp_path, tokenizer_dir, shard_prefix, *overrides) -> dict:
     """tests/sync_worker.py: one process trains 6 steps; the synchronising calls of steps 2-5."""
     import json
-    import subprocess
-    import sys
 
-    from train_utils import ROOT, TINY, base_overrides, clean_env
+    from train_utils import TINY, base_overrides, launch_script
 
     out = tmp_path / "syncs.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           str(ROOT / "tests" / "sync_worker.py"), str(out), "6", str(TINY),
-           *base_overrides(tokenizer_dir, shard_prefix, tmp_path / "run", **dict(o.split("=", 1) for o in overrides))]
-    # a script's own folder heads sys.path, not the working directory: name this checkout's bigllm
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(PYTHONPATH=str(ROOT)),
-                          cwd=ROOT)
+    proc = launch_script(1, "sync_worker.py", [out, "6", TINY, *base_overrides(
+        tokenizer_dir, shard_prefix, tmp_path / "run", **dict(o.split("=", 1) for o in overrides))])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -13,9 +13,10 @@ import sys
 import time
 
 import pytest
+import torch
 
-from train_utils import (ROOT, TINY, base_overrides, bigllm_cli, clean_env, free_port, plant_malicious_pickle, run_ok,
-                         torchrun, train_log, train_losses)
+from train_utils import (ROOT, TINY, base_overrides, bigllm_cli, clean_env, free_port, launch_script,
+                         plant_malicious_pickle, run_ok, train_log, train_losses)
 
 pytestmark = pytest.mark.slow
 
@@ -74,18 +75,45 @@ def test_a_killed_peer_is_named_in_one_line(tokenizer_dir, shard_prefix, tmp_pat
     assert "Traceback" not in err
 
 
+def _module_state(tag_dir) -> dict:
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return {name: w for name, w in module.items() if isinstance(w, torch.Tensor)}  # (megatron's None extra states)
+
+
 def test_loss_spike_factor_stops_before_the_update(tokenizer_dir, shard_prefix, tmp_path):
-    """A micro-batch loss 50x the running mean at step 4: stopped with train.loss_spike_factor=3,
-    trained through without it."""
-    extra = {"train.max_steps": 5, "train.save_interval": 2, "parallel.zero_stage": 1}
-    guarded = torchrun(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "guarded", **extra,
-                                         **{"train.loss_spike_factor": 3}), env_extra={"BIGLLM_FAULT": "spike_loss@4"})
-    assert guarded.returncode != 0
-    assert "step 4: loss" in guarded.stderr and "is a spike (> 3.0 x running mean" in guarded.stderr
-    assert (tmp_path / "guarded" / "checkpoints" / "latest").read_text() == "step_0000002"
-    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "free", **extra),
-           env_extra={"BIGLLM_FAULT": "spike_loss@4"})
-    assert train_losses(tmp_path / "free")[4] > 10 * train_losses(tmp_path / "free")[3]
+    """A micro-batch loss 50x the running mean at step 4 (dp 2, ZeRO-1): stopped with
+    train.loss_spike_factor=3, and the weights each rank holds as it stops (tests/params_worker.py
+    keeps them) are exactly those of the step-3 checkpoint: the spiked step was never applied."""
+    overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
+        "train.max_steps": 5, "train.save_interval": 1, "parallel.zero_stage": 1, "train.loss_spike_factor": 3})
+    proc = launch_script(2, "params_worker.py", [tmp_path, TINY, *overrides], env_extra={"BIGLLM_FAULT": "spike_loss@4"})
+    assert proc.returncode != 0
+    assert "step 4: loss" in proc.stderr and "is a spike (> 3.0 x running mean" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
+    saved = _module_state(tmp_path / "checkpoints" / "step_0000003")
+    for rank in (0, 1):
+        held = torch.load(tmp_path / f"params_rank{rank}.pt")
+        assert held["step"] == 4 and sorted(held["params"]) == sorted(saved)
+        for name, w in saved.items():
+            assert torch.equal(held["params"][name], w), name
+
+
+def test_nan_policy_skip_drops_the_bad_micro_batch(tokenizer_dir, shard_prefix, tmp_path):
+    """train.nan_policy=skip, dp 2 x 2 micro-batches per step, ZeRO-1: rank 0's first micro-batch
+    of step 4 spikes; every rank drops its first micro-batch of that step (they agree) and trains on.
+    The weights after step 5 equal, bit for bit, those of a run in which those micro-batches add
+    nothing (their losses x 0: zero gradients); a kept spike (50x its gradient) would move them."""
+    extra = {"train.max_steps": 5, "train.save_interval": 5, "parallel.zero_stage": 1}
+    skip = run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "skip", **extra, **{
+        "train.nan_policy": "skip", "train.loss_spike_factor": 3}), env_extra={"BIGLLM_FAULT": "spike_loss@4"})
+    assert "warning: step 4: a micro-batch loss is non-finite or spiked; skipped it" in skip.stdout + skip.stderr
+    run_ok(2, base_overrides(tokenizer_dir, shard_prefix, tmp_path / "dropped", **extra),
+           env_extra={"BIGLLM_FAULT": "drop_loss@4:0,drop_loss@4:1"})
+    got, want = (_module_state(tmp_path / run / "checkpoints" / "step_0000005") for run in ("skip", "dropped"))
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    assert train_losses(tmp_path / "skip")[4] < 2 * train_losses(tmp_path / "skip")[3]  # the spike is not in the log
 
 
 def test_run_dir_holds_the_config_and_logs(tokenizer_dir, shard_prefix, tmp_path):
@@ -112,12 +140,8 @@ def test_run_dir_holds_the_config_and_logs(tokenizer_dir, shard_prefix, tmp_path
     # MFU from the saved weights, counted by hand: 6 x every matrix a token multiplies (not the
     # embedding lookup) + 6·L·(nq·d)·s for causal attention (Megatron's convention), and 12·L·(nq·d)·s
     # for the full one; tiny: 4 layers, 4 x 32 query dims, s = 128; 2 processes, peak 0.5 TFLOP/s.
-    import torch
-
-    module = torch.load(tmp_path / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
-    matmul = sum(w.numel() for name, w in module.items()  # (megatron adds None extra states)
-                 if isinstance(w, torch.Tensor) and w.dim() == 2 and not name.startswith("embedding."))
+    module = _module_state(tmp_path / "checkpoints" / "step_0000004")
+    matmul = sum(w.numel() for name, w in module.items() if w.dim() == 2 and not name.startswith("embedding."))
     per_token = {"": 6 * matmul + 6 * 4 * 128 * 128, "_full": 6 * matmul + 12 * 4 * 128 * 128}
     tok_s = train_log(tmp_path, "train/tokens_per_s")
     for suffix, flops in per_token.items():

@@ -141,6 +141,17 @@ def launch(nproc: int, argv: list, timeout: int = 300, env_extra: dict | None = 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def launch_script(nproc: int, script: str, args: list, timeout: int = 300,
+                  env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N tests/SCRIPT ARGS...`: a test's worker script that
+    runs bigllm in its processes with hooks of its own (tests/sync_worker.py, params_worker.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "tests" / script), *map(str, args)]
+    # a script's own folder heads sys.path, not the working directory: name this checkout's bigllm
+    env = clean_env(PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
              env_extra: dict | None = None) -> subprocess.CompletedProcess:
     return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)

@@ -5,6 +5,8 @@ omitted) before launching; unset, nothing here runs. Kinds:
 
 - `nan_loss`      the first micro-batch loss of that step becomes NaN on that rank;
 - `spike_loss`    the first micro-batch loss of that step is multiplied by 50 on that rank;
+- `drop_loss`     the first micro-batch loss of that step is multiplied by 0 on that rank (its
+                  gradient is zero: what `train.nan_policy=skip` must leave of a bad one);
 - `kill_in_save`  the rank SIGKILLs itself inside the save of that step, after DeepSpeed wrote
                   its files (with train.async_save: after its writer started) and before the
                   manifest and `latest` (a crash mid-checkpoint);
@@ -23,7 +25,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("nan_loss", "spike_loss", "kill_in_save", "slow_save", "hang", "nan_weights")
+KINDS = ("nan_loss", "spike_loss", "drop_loss", "kill_in_save", "slow_save", "hang", "nan_weights")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class StepRunner:
                 loss = loss * float("nan")
             if micro == 0 and self.faults.active("spike_loss", step, self.ctx.rank):
                 loss = loss * 50.0
+            if micro == 0 and self.faults.active("drop_loss", step, self.ctx.rank):
+                loss = loss * 0.0
             boundary = micro == self.grad_accum - 1
             if self.guard.policy == "skip" and self._agreed(self.guard.flag(loss)):
                 loss = self._skip(step, boundary)
