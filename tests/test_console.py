@@ -1,5 +1,6 @@
 """The console a person reads: no third-party warning reaches stderr from a 2-step training run
-(two processes), `evaluate perplexity` or `convert to-hf`; `--verbose` shows them again."""
+(two processes), `evaluate perplexity` or `convert to-hf`; `--verbose` and BIGLLM_LOG=debug show
+them again."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ def test_no_third_party_warnings_on_the_console(small_data, tmp_path):
     loud = bigllm_cli("--verbose", "evaluate", "perplexity", "--checkpoint", run, "--data", text, "--seq-len", 32,
                       fresh=True)
     assert loud.returncode == 0 and any("Transformer Engine and Apex" in line for line in warning_lines(loud.stderr))
+    # BIGLLM_LOG=debug (what --verbose sets for the processes it starts, and what a person exports): the same
+    debug = bigllm_cli("evaluate", "perplexity", "--checkpoint", run, "--data", text, "--seq-len", 32, fresh=True,
+                       env_extra={"BIGLLM_LOG": "debug"})
+    assert debug.returncode == 0 and any("Transformer Engine and Apex" in line for line in warning_lines(debug.stderr))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import run_ok, small_overrides
+from train_utils import ROOT, run_ok, small_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +58,26 @@ def history(run_dir: Path) -> tuple[dict[int, dict], dict, set[str]]:
     return steps, config, ids
 
 
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
 def test_offline_wandb_logs_the_jsonl_scalars_and_config(small_data, tmp_path):
+    """Also: W&B writes only under RUN_DIR/wandb/ (and bigllm's RUN_DIR/wandb_id): nothing in the
+    home directory, the temporary directory or the repository (the working directory)."""
     run = tmp_path / "run"
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), tmp.mkdir()
+    env = {"HOME": str(home), "TMPDIR": str(tmp), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
+    repo_before = {p.name for p in ROOT.iterdir()}  # (W&B's default is ./wandb in the working directory)
     extra = {"train.wandb.project": "bigllm-test", "train.wandb.mode": "offline", "train.eval_interval": 2}
-    run_ok(1, small_overrides(*small_data, run, 1, 1, steps=2, **extra))
-    run_ok(1, small_overrides(*small_data, run, 1, 1, steps=3, **extra))  # resumes: the same W&B run
+    run_ok(1, small_overrides(*small_data, run, 1, 1, steps=2, **extra), env_extra=env)
+    run_ok(1, small_overrides(*small_data, run, 1, 1, steps=3, **extra), env_extra=env)  # resumes: the same W&B run
+    outside = [f for f in _files(home) | _files(tmp) if "wandb" in f.lower()]
+    assert outside == [] and {p.name for p in ROOT.iterdir()} == repo_before, outside
+    assert (run / "wandb").is_dir() and not any("wandb" in p.name for p in run.iterdir()
+                                                 if p.name not in ("wandb", "wandb_id"))
     logged, config, ids = history(run)
     assert len(ids) == 1 and ids == {(run / "wandb_id").read_text().strip()}
     assert config["model"]["hidden_size"] > 0 and config["train"]["wandb"]["project"] == "bigllm-test"

@@ -14,8 +14,9 @@ Only rank 0 writes; the other ranks' logger is silent. The logger decides its ow
 from __future__ import annotations
 
 import json
-import uuid
+import os
 import sys
+import uuid
 from pathlib import Path
 
 from bigllm.fsutil import write_atomic
@@ -63,6 +64,10 @@ class RunLogger:
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         write_atomic(id_file, run_id)
+        if w.mode == "offline":
+            # wandb-core writes its debug logs under the cache dir (~/.cache/wandb/logs): an offline
+            # run keeps everything in RUN_DIR/wandb/ (a WANDB_CACHE_DIR of the user's own wins)
+            os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
         return wandb.init(project=w.project, name=w.name or self.run_dir.name, mode=w.mode, id=run_id,
                           resume="allow", dir=str(self.run_dir), config=self.config,
                           settings=wandb.Settings(console="off", silent=True))
