@@ -311,3 +311,36 @@ def test_reshard_names_a_missing_zero_shard(zero_run, tmp_path):
     (tag_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"dp ranks \[0\].*0\.\.1"):
         reshard(broken, 1, 1, tmp_path / "out")
+
+
+def test_overwrite_replaces_the_old_export_only_once_the_new_one_is_complete(small_run, tmp_path, monkeypatch):
+    """`convert to-hf --overwrite` onto an earlier export: when the old directory is renamed away,
+    it is still intact and the new export is complete beside it; after, the target is the new
+    export (transformers loads it) and no temporary sibling is left."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from bigllm.cli import main
+
+    target = tmp_path / "hf"
+    target.mkdir()
+    old = {"config.json": '{"old": true}', "model.safetensors": "old weights", "notes.txt": "kept until the rename"}
+    for name, text in old.items():
+        (target / name).write_text(text)
+    seen, replace = [], os.replace
+
+    def watch(src, dst):
+        if not seen:  # the first rename moves the old directory away
+            tmp = next(p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp-"))
+            seen.append(({p.name: p.read_text() for p in target.iterdir()}, sorted(p.name for p in tmp.iterdir())))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watch)
+    assert main(["convert", "to-hf", "--checkpoint", str(small_run(1, 1)), "--output", str(target), "--overwrite"]) == 0
+    (intact, new_files), = seen[:1]
+    assert intact == old
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(new_files), new_files
+    assert sorted(p.name for p in target.iterdir()) == new_files and not (target / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    assert AutoModelForCausalLM.from_pretrained(str(target)).config.num_hidden_layers > 0
