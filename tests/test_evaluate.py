@@ -167,6 +167,12 @@ def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         rep = json.loads(report.read_text())
         assert {k: rep["checkpoint"]["evaluated_in"][k] for k in layout} == layout
+        held, whole = rep["checkpoint"]["evaluated_in"]["parameters_per_rank"], sum(
+            p.numel() for p in lm.model.parameters())
+        if layout["tp"] * layout["pp"] > 1:  # no process holds the whole model (each its tp x pp shard)
+            assert len(held) == 4 and max(held) < whole / 2 and sum(held) >= whole, (held, whole)
+        else:  # tp1: every rank holds all of it
+            assert held == [whole] * 4, (held, whole)
         assert rep["tokens"] == one.tokens and rep["windows"] == one.windows
         assert rep["nll_sum"] == pytest.approx(one.nll_sum, rel=1e-6)
         assert rep["perplexity"] == pytest.approx(one.perplexity, rel=1e-6)

@@ -119,3 +119,22 @@ def test_under_torchrun_in_the_checkpoints_layout(layout, exported, small_run, t
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert many["bigllm_text"][key] == pytest.approx(one["bigllm_text"][key], rel=1e-5), key
     assert json.loads(report.read_text())["checkpoint"]["evaluated_in"]["processes"] == nproc
+
+
+def test_generation_tasks_are_refused_under_torchrun_in_one_line(small_run, tmp_path):
+    """A generate_until task (here beside a log-likelihood one) on 2 processes: refused before the
+    model is loaded (bigllm generates in one process), in one line naming the task, the cause and
+    the fix; no bigllm traceback (torchrun's own report of its failed workers follows), no report."""
+    from train_utils import launch
+
+    report = tmp_path / "harness.json"
+    proc = launch(2, ["evaluate", "harness", "--checkpoint", small_run(1, 1), "--tasks", "bigllm_mc,bigllm_gen",
+                      "--include-path", INCLUDE, "--output", report],
+                  env_extra={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line}
+    assert errors == {"bigllm evaluate: error: --tasks bigllm_gen generate text, which needs the model in one process "
+                      "(bigllm generates with a KV cache on one device): run them without torchrun, and only "
+                      "log-likelihood tasks under it"}, proc.stderr[-3000:]
+    assert not any('File "' in line and "/bigllm/" in line for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert not report.exists()

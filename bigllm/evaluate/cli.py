@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from bigllm.errors import BigLLMError, DataError
+from bigllm.errors import BigLLMError, ConfigError, DataError
 
 
 def _say(message: str) -> None:
@@ -192,7 +192,7 @@ def bleu_main(args) -> int:
 def harness_main(args) -> int:
     """lm-eval tasks on the checkpoint (under torchrun: in its own layout); rank 0 prints lm-eval's
     table and writes lm-eval's results dict with the provenance."""
-    from bigllm.evaluate.harness import require_lm_eval, run_harness
+    from bigllm.evaluate.harness import generation_tasks, require_lm_eval, run_harness
     from bigllm.evaluate.parallel import launched_with_several_processes
 
     require_lm_eval()  # before the model is loaded
@@ -202,6 +202,12 @@ def harness_main(args) -> int:
     parallel = launched_with_several_processes()
     if parallel:
         from bigllm.evaluate.parallel import load_sharded
+
+        generating = generation_tasks(tasks, args.include_path)  # before the model is loaded
+        if generating:
+            raise ConfigError(f"--tasks {', '.join(generating)} generate text, which needs the model in one process "
+                              "(bigllm generates with a KV cache on one device): run them without torchrun, and "
+                              "only log-likelihood tasks under it")
 
         lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
         lead = lm.ctx.rank == 0

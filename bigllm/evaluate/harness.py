@@ -93,11 +93,9 @@ def harness_lm(lm, batch_size: int = 8, max_gen_toks: int = 256):
     return BigLLMHarness()
 
 
-def run_harness(lm, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
-                limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
-    """lm-eval's `simple_evaluate` over bigllm's model with its task manager; lm-eval's results dict."""
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's TaskManager (with `include_path`'s local tasks); unknown task names refused."""
     require_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path)
@@ -105,5 +103,32 @@ def run_harness(lm, tasks: list[str], include_path: str | None = None, num_fewsh
     if unknown:
         where = f" or in --include-path {include_path}" if include_path else " (give --include-path DIR for local ones)"
         raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}")
+    return manager
+
+
+def generation_tasks(tasks: list[str], include_path: str | None = None) -> list[str]:
+    """The tasks (or tasks of the groups) among `tasks` that generate text (lm-eval's
+    output_type generate_until)."""
+    from lm_eval.tasks import get_task_dict
+
+    found = []
+
+    def walk(tree: dict) -> None:
+        for name, task in tree.items():
+            if isinstance(task, dict):
+                walk(task)
+            elif getattr(task, "OUTPUT_TYPE", None) == "generate_until":
+                found.append(getattr(getattr(task, "config", None), "task", None) or str(name))
+
+    walk(get_task_dict(tasks, task_manager(tasks, include_path)))
+    return found
+
+
+def run_harness(lm, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
+                limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` over bigllm's model with its task manager; lm-eval's results dict."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(tasks, include_path)
     return simple_evaluate(model=harness_lm(lm, batch_size), tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples)

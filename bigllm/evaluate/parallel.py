@@ -152,8 +152,12 @@ def load_sharded(path: str, batch_size: int, tokenizer: str | None = None, cp: i
     engine_io.load(engine, ckpt.tag_dir, ctx.rank, module_only=True)
     engine.eval()
     info = describe(ckpt, tok_path, tok, scored)
+    import torch.distributed as dist
+
+    held = [None] * ctx.dims.world_size  # each rank's parameter count: what it holds of the model
+    dist.all_gather_object(held, sum(p.numel() for p in engine.module.parameters()))
     info["evaluated_in"] = {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "cp": ctx.dims.cp, "dp": ctx.dims.dp,
-                            "processes": ctx.dims.world_size}
+                            "processes": ctx.dims.world_size, "parameters_per_rank": held}
     return ShardedLM(engine=engine, ctx=ctx, tokenizer=tok, cfg=cfg, real_vocab=scored, info=info)
 
 
