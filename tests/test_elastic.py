@@ -26,14 +26,15 @@ def _overrides(small_data, run_dir, tp, pp, zero, **extra):
 
 @pytest.fixture(scope="module")
 def source(small_data, tmp_path_factory):
-    """source(tp, pp, dp, zero) -> a run dir trained uninterrupted to STEPS in that layout, saving every step."""
+    """source(tp, pp, dp, zero, **extra) -> a run dir trained uninterrupted to STEPS in that layout
+    (with `extra` overrides), saving every step."""
     made = {}
 
-    def get(tp, pp, dp, zero):
-        key = (tp, pp, dp, zero)
+    def get(tp, pp, dp, zero, **extra):
+        key = (tp, pp, dp, zero, *sorted(extra.items()))
         if key not in made:
             run_dir = tmp_path_factory.mktemp(f"src_tp{tp}pp{pp}dp{dp}z{zero}")
-            run_ok(tp * pp * dp, _overrides(small_data, run_dir, tp, pp, zero),
+            run_ok(tp * pp * dp, _overrides(small_data, run_dir, tp, pp, zero, **extra),
                    env_extra={"BIGLLM_TRACE_SAMPLES": "1"})
             made[key] = run_dir
         return made[key]
@@ -129,4 +130,63 @@ def test_what_cannot_be_resumed_is_one_line(small_data, source, tmp_path):
     assert "model.num_kv_heads=2 is not divisible by parallel.tp=4" in line, line
     line = _refused(small_data, run_dir, 1, **{"train.precision": "bf16"})
     assert "was trained in fp32" in line and "train.precision=fp32" in line, line
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_dropout_resumes_at_another_layout_reproducibly(small_data, source, tmp_path):
+    """dropout 0.1, dp 2 -> 1 (ZeRO-1): the saved RNG streams belong to the old ranks, so the run
+    re-seeds them from train.seed and the step. Its losses stay within dropout's noise of the
+    original continuation, and the same resume run twice gives the same losses bit for bit."""
+    extra = {"model.dropout": 0.1}
+    reference = source(1, 1, 2, 1, **extra)
+    losses = []
+    for name in ("a", "b"):
+        run_dir = cut_back(reference, tmp_path / name, CUT)
+        out = resume(small_data, run_dir, 1, 1, 1, 1, **extra)
+        assert "RNG streams re-seeded from train.seed and the step" in out, out[-3000:]
+        losses.append({s: v for s, v in train_losses(run_dir).items() if s > CUT})
+    want = train_losses(reference)
+    assert losses[0] == losses[1] and sorted(losses[0]) == list(range(CUT + 1, STEPS + 1))
+    for step, loss in losses[0].items():
+        assert abs(loss - want[step]) <= 0.02 * want[step], (step, loss, want[step])
+
+
+def test_bf16_resumes_at_another_layout_with_its_fp32_masters(small_data, source, tmp_path):
+    """bf16, dp 2 -> 1 (ZeRO-1): each rank reads the fp32 masters, not the bf16 weights. The
+    resumed run takes one step at a learning rate of 1e-12, so its saved masters are the source's
+    masters at the cut, to far closer than the bf16 rounding that re-deriving them from the
+    weights would cost; its first loss is the original layout's."""
+    from bigllm.checkpoint import open_native
+
+    extra = {"train.precision": "bf16"}
+    reference = source(1, 1, 2, 1, **extra)
+    run_dir = cut_back(reference, tmp_path / "run", CUT)
+    out = resume(small_data, run_dir, 1, 1, 1, 1, **extra, **{"train.max_steps": CUT + 1, "optim.lr": 1e-12,
+                                                               "optim.min_lr": 0.0})
+    assert "resharded from tp=1 pp=1 dp=2 ZeRO-1 to tp=1 pp=1 dp=1 ZeRO-1" in out, out[-3000:]
+    cut = open_native(reference / "checkpoints" / f"step_{CUT:07d}")
+    want, rounded = cut.weights("fp32"), cut.weights("bf16")
+    got = open_native(run_dir / "checkpoints" / f"step_{CUT + 1:07d}").weights("fp32")
+    drift = max(float((got[n] - want[n]).abs().max()) for n in want)
+    rounding = max(float((want[n] - rounded[n].float()).abs().max()) for n in want)
+    assert drift < rounding / 1000, (drift, rounding)
+    assert abs(train_losses(run_dir)[CUT + 1] - train_losses(reference)[CUT + 1]) <= 2e-3
+
+
+def test_vocab_padding_and_fp16_are_refused_at_another_layout(small_data, source, tmp_path):
+    """A tp that pads the vocabulary to another size (model.make_vocab_size_divisible_by=7: 300
+    tokens are 301 rows at tp 1, 308 at tp 2) and an fp16 run at another layout: one line each,
+    before any process group, the checkpoints untouched."""
+    seven = {"model.make_vocab_size_divisible_by": 7}
+    run_dir = cut_back(source(1, 1, 1, 1, **seven), tmp_path / "run", CUT)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    line = _refused(small_data, run_dir, 2, tp=2, **seven)
+    assert "pads the vocabulary to 301 rows at tp=1, tp=2 pads it to 308" in line and "parallel.tp=1" in line, line
+    # fp16 cannot train on a CPU: the checkpoint's own record says fp16 (the refusal reads only that)
+    tag = run_dir / "checkpoints" / f"step_{CUT:07d}"
+    meta = json.loads((tag / "meta.json").read_text())
+    meta["config"]["train"]["precision"] = "fp16"
+    (tag / "meta.json").write_text(json.dumps(meta))
+    line = _refused(small_data, run_dir, 2, **seven, **{"train.precision": "fp16"})
+    assert "fp16 runs resume only at their own layout" in line, line
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
