@@ -154,7 +154,12 @@ def launch_script(nproc: int, script: str, args: list, timeout: int = 300,
 
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
              env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
+    """`bigllm train CONFIG OVERRIDES...` on `nproc` ranks as torchrun starts them (its rank
+    environment, one master port, the others stopped when a rank fails, exit 1 then), forked from
+    the session's warm server: real processes and gloo groups without ~8 s of imports each. The
+    tests of launching itself (signals, dead peers, import-time warnings, SLURM) use `launch`."""
+    return fork_server().run(["train", config, *overrides], ROOT, env=clean_env(**(env_extra or {})),
+                             timeout=timeout, nproc=nproc)
 
 
 def cli_env(**extra) -> dict:
@@ -222,37 +227,93 @@ def parity_record(run_dir) -> dict[int, dict]:
     return {step: {"loss": losses[step], "grad_norm": norms[step]} for step in sorted(losses)}
 
 
-# ----- a warm `python -m bigllm` for tests that run many short commands -------------------------
-_FORK_SERVER = r'''
-import json, os, sys, traceback
+# ----- a warm `python -m bigllm` for tests that run many short commands and training jobs ---------
+_FORK_SERVER = r"""
+import json, os, signal, socket, sys, time, traceback
 import bigllm.cli
 from bigllm.commands import convert, evaluate, preprocess  # noqa: F401
 import torch, deepspeed, megatron.core, sentencepiece, transformers  # noqa: F401  imported once, here
+import bigllm.train.loop, bigllm.train.engine, bigllm.model.build, bigllm.train.checkpointer  # noqa: F401
+
+
+def child(req, env, out, err):
+    # the command, in a fresh process of its own: `bigllm ARGV` as the interpreter would run it
+    os.setpgid(0, 0)  # its own process group, so that the launcher can stop it with what it started
+    signal.alarm(req["timeout"])  # a hung command dies (SIGALRM) instead of hanging the tests
+    os.chdir(req["cwd"])
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["bigllm", *req["argv"]]
+    try:
+        code = bigllm.cli.main(req["argv"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def files(req):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND  # ranks share them, as they share torchrun's
+    return os.open(req["stdout"], flags), os.open(req["stderr"], flags)
+
+
+def run_one(req):
+    out, err = files(req)
+    pid = os.fork()
+    if pid == 0:
+        child(req, req["env"], out, err)
+    os.close(out), os.close(err)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def launch(req):
+    # torchrun --standalone --nproc-per-node N, minus its interpreter and imports: N ranks with the
+    # environment torchrun gives them; when one fails the others are stopped (SIGTERM, then
+    # SIGKILL) and the launch exits 1, as torchrun does
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    n, out_err = req["nproc"], files(req)
+    ranks = {}
+    for rank in range(n):
+        env = {**req["env"], "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank),
+               "ROLE_WORLD_SIZE": str(n), "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0",
+               "TORCHELASTIC_MAX_RESTARTS": "0"}
+        pid = os.fork()
+        if pid == 0:
+            child(req, env, *out_err)
+        ranks[pid] = rank
+    for fd in out_err:
+        os.close(fd)
+    codes, deadline, stop_at = {}, time.time() + req["timeout"], None
+    while len(codes) < n:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0 and stop_at is None:
+                stop_at = time.time()
+                for other in set(ranks) - set(codes):
+                    os.killpg(other, signal.SIGTERM)
+            continue
+        if stop_at is not None and time.time() > stop_at + 30 or time.time() > deadline:
+            for other in set(ranks) - set(codes):
+                os.killpg(other, signal.SIGKILL)
+        time.sleep(0.05)
+    return 0 if not any(codes.values()) else 1
+
+
 for line in sys.stdin:
     req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:  # the command, in a fresh process of its own
-        import signal
-        signal.alarm(req["timeout"])  # a hung command dies (SIGALRM) instead of hanging the tests
-        os.chdir(req["cwd"])
-        for fd, name in ((1, "stdout"), (2, "stderr")):
-            os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        os.environ.clear()
-        os.environ.update(req["env"])
-        sys.argv = ["bigllm", *req["argv"]]
-        try:
-            code = bigllm.cli.main(req["argv"])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-'''
+    print(json.dumps(launch(req) if req.get("nproc") else run_one(req)), flush=True)
+"""
 
 
 class ForkServer:
@@ -268,10 +329,13 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def run(self, argv: list, cwd, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    def run(self, argv: list, cwd, env: dict | None = None, timeout: int = 120,
+            nproc: int = 0) -> subprocess.CompletedProcess:
+        """`bigllm ARGV` in a forked child; with `nproc`, on that many forked ranks as torchrun
+        would start them (rank environment, a free master port, the others stopped when one fails)."""
         out, err = self.tmp / "fork.stdout", self.tmp / "fork.stderr"
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env or self.env, "stdout": str(out),
-                   "stderr": str(err), "timeout": int(timeout)}
+                   "stderr": str(err), "timeout": int(timeout), "nproc": nproc}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())
