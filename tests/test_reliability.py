@@ -97,6 +97,8 @@ def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
         for line in proc.stderr:
             if "a peer process died or hung" in line and "error" not in seen:
                 seen["error"], seen["line"] = time.time(), line
+                # seen: stop the job (torchrun would wait 30 s on the stopped rank before killing it)
+                os.killpg(proc.pid, signal.SIGKILL)
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
     wait_for_step(tmp_path, 2, proc)
