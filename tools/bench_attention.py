@@ -1,6 +1,6 @@
 """Benchmark: training memory and step time of bigllm's SDPA attention, on the CPU.
 
-    python tools/bench_attention.py [--steps 4] [--repeats 2]
+    python tools/bench_attention.py [--steps 4] [--repeats 2] [--quick]
 
 Two comparisons, each measured in this run, every point in a fresh process (peak RSS is per
 process), one process per point, tp = pp = 1, fp32, the model of ../shared/NOTES-GPU.md's
@@ -15,6 +15,9 @@ measurement (hidden 96, 6 heads / 2 kv heads, 2 layers, micro-batch 4, vocabular
 Each point reports the mean step time after one warm-up step (forward, backward, AdamW), the
 process's peak RSS, and the peak RSS growth during the steps (activations, gradients and
 optimizer state; imports and the model's weights excluded). Ratios are of the growth.
+
+`--quick`: seq 1024 against 128, the kernels at seq 256, one step, one process per point: checks
+the script end to end, not the figures.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import time
 
 MODEL = dict(hidden_size=96, num_layers=2, num_attention_heads=6, num_kv_heads=2, ffn_hidden_size=256)
 VOCAB, MICRO = 512, 4
+SEQS = dict(short=512, long=4096, kernels=2048)
+QUICK_SEQS = dict(short=128, long=1024, kernels=256)
 
 
 def rss_gb() -> float:
@@ -95,20 +100,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per point (after one warm-up step)")
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per point (the best counts)")
+    ap.add_argument("--quick", action="store_true", help="short sequences, 1 step, 1 process per point (seconds)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return 0
+    if args.quick:
+        args.steps, args.repeats = 1, 1
+    seqs = QUICK_SEQS if args.quick else SEQS
+    n = seqs["long"] // seqs["short"]
     print(f"model {MODEL}, vocabulary {VOCAB}, micro-batch {MICRO}, fp32, 1 process, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}")
-    short, long = measure(512, "sdpa", args.steps, args.repeats), measure(4096, "sdpa", args.steps, args.repeats)
+    short, long = (measure(seqs[k], "sdpa", args.steps, args.repeats) for k in ("short", "long"))
     print("1. sequence length, SDPA (the training path)")
     print("   " + show(short) + "\n   " + show(long))
-    print(f"   seq 4096 / seq 512 (8x the tokens): step time {long['step_s'] / short['step_s']:.1f}x, "
-          f"memory growth {long['growth_gb'] / short['growth_gb']:.1f}x (linear would be 8x)")
-    local, sdpa = measure(2048, "local", args.steps, args.repeats), measure(2048, "sdpa", args.steps, args.repeats)
-    print("2. attention kernel at seq 2048")
+    print(f"   seq {seqs['long']} / seq {seqs['short']} ({n}x the tokens): step time "
+          f"{long['step_s'] / short['step_s']:.1f}x, memory growth {long['growth_gb'] / short['growth_gb']:.1f}x "
+          f"(linear would be {n}x)")
+    local, sdpa = (measure(seqs["kernels"], a, args.steps, args.repeats) for a in ("local", "sdpa"))
+    print(f"2. attention kernel at seq {seqs['kernels']}")
     print("   " + show(local) + "\n   " + show(sdpa))
     print(f"   SDPA / megatron local: step time {sdpa['step_s'] / local['step_s']:.2f}x, memory growth "
           f"{sdpa['growth_gb'] / local['growth_gb']:.2f}x ({local['step_s'] / sdpa['step_s']:.1f}x faster, "

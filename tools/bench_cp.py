@@ -1,6 +1,6 @@
 """Benchmark: context parallelism (parallel.cp, DeepSpeed-Ulysses) against cp=1 on a long sequence, on the CPU.
 
-    python tools/bench_cp.py [--seq 8192] [--steps 3]
+    python tools/bench_cp.py [--seq 8192] [--steps 3] [--quick]
 
 Both layouts run in this script's run as real `bigllm train` jobs under torchrun, 4 gloo processes
 each, on the same data and model (hidden 128, 2 layers, 4 heads / 2 kv heads, fp32, ZeRO-0,
@@ -24,6 +24,9 @@ saving in a first measurement (1.5x instead of 2x). The jobs run with MALLOC_MMA
 Start-up (imports, process groups, dataset index building) is in neither figure; the data is
 prepared once, before any timed run. On 2 CPU cores 4 processes share the cores, so tokens/s
 says what the all-to-alls cost on gloo, not what a GPU node would gain.
+
+`--quick`: 2 processes (cp=1: dp=2; cp=2: dp=1), global batch 2, seq 2048 against 128, 2 steps,
+the smallest corpus: checks the script end to end, not the figures.
 """
 
 from __future__ import annotations
@@ -42,16 +45,16 @@ MODEL = {"model.hidden_size": 128, "model.num_layers": 2, "model.num_attention_h
          "train.global_batch_size": 4, "train.precision": "fp32"}
 
 
-def train(tok: Path, prefix: Path, run_dir: Path, seq: int, cp: int, steps: int) -> dict:
-    """One `bigllm train` job on NPROC processes; its tokens/s (after step 1) and rank 0's peak RSS."""
+def train(tok: Path, prefix: Path, run_dir: Path, seq: int, cp: int, steps: int, nproc: int = NPROC) -> dict:
+    """One `bigllm train` job on `nproc` processes; its tokens/s (after step 1) and rank 0's peak RSS."""
     values = {**MODEL, "model.seq_length": seq, "parallel.cp": cp, "parallel.tp": 1, "parallel.pp": 1,
               "parallel.zero_stage": 0, "data.tokenizer": tok, "data.prefixes": f"[{prefix}]",
               "data.split": "98,2,0", "train.run_dir": run_dir, "train.max_steps": steps, "train.log_interval": 1,
               "train.eval_interval": 0, "train.eval_iters": 1, "train.save_interval": 0,
               "train.tensorboard": "false", "optim.warmup_steps": 1}
-    records = torchrun_records("tiny.yaml", values, run_dir, NPROC, f"seq {seq}, cp {cp}")
+    records = torchrun_records("tiny.yaml", values, run_dir, nproc, f"seq {seq}, cp {cp}")
     steps_after_first = [r for r in records if r["step"] > 1 and "train/tokens_per_s" in r]
-    return {"seq": seq, "cp": cp, "dp": NPROC // cp,
+    return {"seq": seq, "cp": cp, "dp": nproc // cp,
             "tokens_per_s": sum(r["train/tokens_per_s"] for r in steps_after_first) / len(steps_after_first),
             "peak_rss_gb": max(r["train/memory_gb"] for r in records if "train/memory_gb" in r)}
 
@@ -63,16 +66,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="training steps per run (the first is not timed)")
     ap.add_argument("--layers", type=int, default=MODEL["model.num_layers"],
                     help="decoder layers (more: the activations outweigh the allocator's noise)")
+    ap.add_argument("--quick", action="store_true", help="2 processes, seq 2048 vs 128, 2 steps (checks the script)")
     args = ap.parse_args(argv)
     MODEL["model.num_layers"] = args.layers
+    nproc = NPROC
+    if args.quick:
+        nproc, args.seq, args.short, args.steps = 2, 2048, 128, 2
+        MODEL["train.global_batch_size"] = nproc
     with tempfile.TemporaryDirectory(prefix="bench_cp_") as tmp:
         work = Path(tmp)
-        tok, prefix = prepare_data(work)
-        print(f"model {MODEL}, {NPROC} processes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
+        tok, prefix = prepare_data(work, args.quick)
+        print(f"model {MODEL}, {nproc} processes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
         rows = {}
         for cp in (1, 2):
             for seq in (args.short, args.seq):
-                rows[cp, seq] = train(tok, prefix, work / f"run_cp{cp}_{seq}", seq, cp, args.steps)
+                rows[cp, seq] = train(tok, prefix, work / f"run_cp{cp}_{seq}", seq, cp, args.steps, nproc)
     acts = {cp: rows[cp, args.seq]["peak_rss_gb"] - rows[cp, args.short]["peak_rss_gb"] for cp in (1, 2)}
     for cp in (1, 2):
         long, short = rows[cp, args.seq], rows[cp, args.short]

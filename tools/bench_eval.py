@@ -1,6 +1,7 @@
 """Evaluation throughput: bigllm vs Hugging Face transformers on the same exported model, in one run.
 
     python tools/bench_eval.py --checkpoint runs/tiny --data heldout.jsonl [--seq-len 128 --stride 64]
+    python tools/bench_eval.py --quick   # its own checkpoint and data: seconds, checks the script
 
 1. exports the checkpoint with `bigllm convert to-hf` (to a temporary dir);
 2. perplexity tokens/s: bigllm (the exported dir loaded through bigllm) vs transformers'
@@ -11,11 +12,17 @@
 3. generation tokens/s: bigllm greedy with the KV cache vs without it (same prompts, same tokens).
 
 Prints the figures and the ratios (bigllm / transformers >= 1.0 is the target).
+
+`--quick` needs no checkpoint or data: it trains a tiny model (hidden 64, 2 layers) 4 steps on the
+smallest corpus (tools/bench_train.py's), scores 1024 tokens of that corpus in windows of 64 and
+generates 8 tokens for 2 prompts, one timed run each.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,12 +92,23 @@ def bench_generation(lm, prompts: list[list[int]], args) -> None:
     print(f"  ratio cache / no cache: {t_plain / t_cache:.2f}x   same tokens: {with_cache == without}")
 
 
+def quick_checkpoint(work: Path) -> tuple[str, list[str]]:
+    """--quick: a tiny model trained 4 steps on the smallest corpus; (its run dir, that corpus)."""
+    from bench_train import QUICK_MODEL, ROOT, _env, overrides, prepare_data
+
+    tok, prefix = prepare_data(work, quick=True)
+    cmd = [sys.executable, "-m", "bigllm", "train", "configs/tiny.yaml",
+           *overrides(QUICK_MODEL, tok, prefix, work / "run", 4, None)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    return str(work / "run"), [str(work / "corpus.jsonl")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True,
-                    help="native run dir or tag dir (exported to HF first), or a Hugging Face Llama dir")
+    ap.add_argument("--checkpoint", help="native run dir or tag dir (exported to HF first), or a Hugging Face "
+                    "Llama dir (required unless --quick)")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: the checkpoint's own)")
-    ap.add_argument("--data", nargs="+", required=True, help="held-out jsonl/txt/prefix")
+    ap.add_argument("--data", nargs="+", help="held-out jsonl/txt/prefix (required unless --quick)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -100,7 +118,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs after a warm-up (best is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on shared machines)")
+    ap.add_argument("--quick", action="store_true",
+                    help="train a tiny checkpoint and score its own corpus, tiny sizes, 1 run (checks the script)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_len, args.stride, args.batch_size, args.max_tokens = 64, 32, 4, 1024
+        args.prompts, args.prompt_len, args.max_new_tokens, args.repeat = 2, 8, 8, 1
+    elif not (args.checkpoint and args.data):
+        ap.error("--checkpoint and --data are required (or --quick)")
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
@@ -110,13 +135,15 @@ def main(argv=None) -> int:
     from bigllm.evaluate.perplexity import load_stream
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as quick_tmp:
+        if args.quick:
+            args.checkpoint, args.data = quick_checkpoint(Path(quick_tmp))
         given = Path(args.checkpoint)
         hf_dir = given if (given / "config.json").is_file() else to_hf(args.checkpoint, tmp, tokenizer=args.tokenizer)
         lm = load_lm(hf_dir, tokenizer=args.tokenizer)  # bigllm's model, with the evaluation kernels (default)
         hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        stream = load_stream(args.data, lm.tokenizer)  # before the --quick data goes
     print(f"model: hidden {lm.cfg.hidden_size}, {lm.cfg.num_layers} layers, vocab {lm.real_vocab}")
-    stream = load_stream(args.data, lm.tokenizer)
     stream.tokens = stream.tokens[:args.max_tokens]
     bench_perplexity(lm, hf_model, stream, args)
     step = max(1, (len(stream.tokens) - args.prompt_len) // args.prompts)

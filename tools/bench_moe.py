@@ -1,6 +1,6 @@
 """Benchmark: expert parallelism (parallel.ep) and a mixture of experts against a dense model, on the CPU.
 
-    python tools/bench_moe.py [--steps 10] [--seq 256]
+    python tools/bench_moe.py [--steps 10] [--seq 256] [--quick]
 
 Three real `bigllm train` jobs under torchrun in this script's run, 4 gloo processes each, on the same
 data (fp32, ZeRO-1, micro-batch 2, global batch 8: one micro-batch per process and step):
@@ -25,6 +25,9 @@ Start-up (imports, process groups, dataset index building) is in no figure; the 
 once, before any timed run. Jobs run with MALLOC_MMAP_THRESHOLD_=131072 so that freed memory goes
 back to the OS (see bench_cp.py). On 2 CPU cores 4 processes share the cores: tokens/s says what
 the routing, the gather and the per-expert loop cost on gloo, not what a GPU node would gain.
+
+`--quick`: 2 processes (ep=2: expert-dp = 1), global batch 4, seq 64, 2 layers against 1, 2 steps,
+the smallest corpus: checks the script end to end, not the figures.
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ DENSE = {"model.family": "llama", "model.moe.num_experts": 0, "model.ffn_hidden_
 JOBS = {"moe ep=1": {**MOE, "parallel.ep": 1}, "moe ep=2": {**MOE, "parallel.ep": 2}, "dense": DENSE}
 
 
-def train(tok: Path, prefix: Path, run_dir: Path, job: dict, layers: int, seq: int, steps: int) -> dict:
-    """One `bigllm train` job on NPROC processes: its tokens/s (after step 1) and rank 0's peak RSS."""
+def train(tok: Path, prefix: Path, run_dir: Path, job: dict, layers: int, seq: int, steps: int,
+          nproc: int = NPROC) -> dict:
+    """One `bigllm train` job on `nproc` processes: its tokens/s (after step 1) and rank 0's peak RSS."""
     values = {**COMMON, **job, "model.num_layers": layers, "model.seq_length": seq, "data.tokenizer": tok,
               "data.prefixes": f"[{prefix}]", "data.split": "98,2,0", "train.run_dir": run_dir,
               "train.max_steps": steps, "train.log_interval": 1, "train.eval_interval": 0, "train.eval_iters": 1,
               "train.save_interval": 0, "train.tensorboard": "false", "optim.warmup_steps": 1}
-    records = torchrun_records("tiny-moe.yaml", values, run_dir, NPROC, f"{job}, {layers} layers")
+    records = torchrun_records("tiny-moe.yaml", values, run_dir, nproc, f"{job}, {layers} layers")
     timed = [r for r in records if r["step"] > 1 and "train/tokens_per_s" in r]
     return {"tokens_per_s": sum(r["train/tokens_per_s"] for r in timed) / len(timed),
             "peak_rss_gb": max(r["train/memory_gb"] for r in records if "train/memory_gb" in r),
@@ -62,7 +66,7 @@ def train(tok: Path, prefix: Path, run_dir: Path, job: dict, layers: int, seq: i
                           if "train/expert_load_max" in r), None)}
 
 
-def planned_state_gb(job: dict, layers: int, base_layers: int, seq: int) -> float:
+def planned_state_gb(job: dict, layers: int, base_layers: int, seq: int, nproc: int = NPROC) -> float:
     """`bigllm plan`'s weights + gradients + optimizer per GPU of the extra layers (GB)."""
     from bigllm.config import RunConfig
     from bigllm.config_loader import load_config
@@ -71,7 +75,7 @@ def planned_state_gb(job: dict, layers: int, base_layers: int, seq: int) -> floa
     def state(n: int) -> float:
         values = {**COMMON, **job, "model.num_layers": n, "model.seq_length": seq, "model.vocab_size": 2048}
         cfg = load_config(RunConfig, ROOT / "configs" / "tiny-moe.yaml", [f"{k}={v}" for k, v in values.items()])
-        memory = make_plan(cfg, NPROC, 80.0).memory_gb
+        memory = make_plan(cfg, nproc, 80.0).memory_gb
         return memory["weights"] + memory["gradients"] + memory["optimizer"]
 
     return state(layers) - state(base_layers)
@@ -83,16 +87,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the measured jobs (default 4)")
     ap.add_argument("--base-layers", type=int, default=1, help="layers of the baseline jobs (default 1)")
+    ap.add_argument("--quick", action="store_true", help="2 processes, seq 64, 2 layers, 2 steps (checks the script)")
     args = ap.parse_args(argv)
+    nproc = NPROC
+    if args.quick:
+        nproc, args.seq, args.layers, args.base_layers, args.steps = 2, 64, 2, 1, 2
+        COMMON["train.global_batch_size"] = 2 * nproc
     with tempfile.TemporaryDirectory(prefix="bench_moe_") as tmp:
         work = Path(tmp)
-        tok, prefix = prepare_data(work)
-        print(f"{NPROC} processes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {COMMON}, seq {args.seq}")
+        tok, prefix = prepare_data(work, args.quick)
+        print(f"{nproc} processes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {COMMON}, seq {args.seq}")
         rows = {}
         for name, job in JOBS.items():
             for layers in (args.base_layers, args.layers):
                 run_dir = work / f"{name.replace(' ', '_').replace('=', '')}_{layers}"
-                rows[name, layers] = train(tok, prefix, run_dir, job, layers, args.seq, args.steps)
+                rows[name, layers] = train(tok, prefix, run_dir, job, layers, args.seq, args.steps, nproc)
     state = {name: rows[name, args.layers]["peak_rss_gb"] - rows[name, args.base_layers]["peak_rss_gb"]
              for name in JOBS}
     for name, job in JOBS.items():
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
         print(f"{name:9} {args.layers} layers: {row['tokens_per_s']:8.0f} tokens/s, peak RSS per process "
               f"{row['peak_rss_gb']:.3f} GB ({args.base_layers} layer: {rows[name, args.base_layers]['peak_rss_gb']:.3f}) "
               f"-> {args.layers - args.base_layers} layers hold {state[name]:.3f} GB; plan's weights + grads + "
-              f"optimizer for them {planned_state_gb(job, args.layers, args.base_layers, args.seq):.3f} GB{load}")
+              f"optimizer for them {planned_state_gb(job, args.layers, args.base_layers, args.seq, nproc):.3f} GB{load}")
     one, two, dense = (rows[name, args.layers] for name in JOBS)
     print(f"ep=2 / ep=1: tokens/s {two['tokens_per_s'] / one['tokens_per_s']:.2f}x, peak RSS per process "
           f"{two['peak_rss_gb'] / one['peak_rss_gb']:.2f}x, the layers' memory {state['moe ep=2'] / state['moe ep=1']:.2f}x")

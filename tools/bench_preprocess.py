@@ -3,6 +3,7 @@
     python tools/bench_preprocess.py --workdir /tmp/bench [--workers 2] [--trials 5] [--vocab-size 8000]
     python tools/bench_preprocess.py --workdir /tmp/bench-rep --repeat 4   # the old repeated corpus
     python tools/bench_preprocess.py --hf [--workers 2]   # a Hugging Face byte-level BPE tokenizer.json
+    python tools/bench_preprocess.py --quick [--hf]       # 0.1 MB and 1 MB corpora, vocabulary 512, one trial
 
 Corpora: real text that never repeats a document. `tools/make_corpus.py --site-packages` writes
 the standard library's docstrings and pydoc topics, then those of the installed third-party
@@ -53,6 +54,10 @@ corpus), on the 10x corpus. The baseline's workers call `tokenizer.encode(text,
 add_special_tokens=False)` one document at a time; bigllm's encode a chunk per
 `encode_batch` call. Both figures count the whole command, process start and imports included
 (the wall time of the process), as a user waits for it. Target: >= 1.5x.
+
+`--quick`: corpora of 0.1 MB and 1 MB (`--repeat`: 0.1 MB of the standard library, N and 10N
+times), vocabulary 512, one trial of each, in WORKDIR/quick: checks the script end to end, not
+the figures.
 """
 
 from __future__ import annotations
@@ -166,17 +171,19 @@ def baseline_run(inputs: Path, tok: Path, prefix: Path, workers: int) -> dict:
     return m
 
 
-def prepare(work: Path, repeat: int, vocab: int) -> tuple[Path, Path, Path]:
+def prepare(work: Path, repeat: int, vocab: int, quick: bool = False) -> tuple[Path, Path, Path]:
     """The small and 10x corpora and the tokenizer, made once per workdir."""
     name = f"repeat{repeat}" if repeat else "unique"
     small, large, tok = work / f"{name}-small.jsonl", work / f"{name}-large.jsonl", work / f"{name}-tok{vocab}"
     make = [sys.executable, str(REPO / "tools" / "make_corpus.py")]
     if repeat:  # the standard library's text, repeated
-        commands = {small: make + ["--max-mb", "4", "--repeat", str(repeat)],
-                    large: make + ["--max-mb", "4", "--repeat", str(10 * repeat)]}
+        mb = "0.1" if quick else "4"
+        commands = {small: make + ["--max-mb", mb, "--repeat", str(repeat)],
+                    large: make + ["--max-mb", mb, "--repeat", str(10 * repeat)]}
     else:  # unique documents, 3 MB and 30 MB
-        commands = {small: make + ["--site-packages", "--max-mb", "3"],
-                    large: make + ["--site-packages", "--max-mb", "30"]}
+        mb = ("0.1", "1") if quick else ("3", "30")
+        commands = {small: make + ["--site-packages", "--max-mb", mb[0]],
+                    large: make + ["--site-packages", "--max-mb", mb[1]]}
     for path, cmd in commands.items():
         if not path.exists():
             subprocess.run(cmd + ["--output", str(path) + ".tmp"], check=True)
@@ -260,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=5, help="alternating runs of each; the fastest is kept")
     ap.add_argument("--large-trials", type=int, default=2, help="the same on the 10x corpus")
     ap.add_argument("--hf", action="store_true", help="a Hugging Face tokenizer.json (byte-level BPE) instead")
+    ap.add_argument("--quick", action="store_true",
+                    help="0.1 MB and 1 MB corpora, vocabulary 512, 1 trial each, in WORKDIR/quick (checks the script)")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
+    if args.quick:
+        work, args.vocab_size, args.trials, args.large_trials = work / "quick", 512, 1, 1
     work.mkdir(parents=True, exist_ok=True)
-    small, large, tok = prepare(work, args.repeat, args.vocab_size)
+    small, large, tok = prepare(work, args.repeat, args.vocab_size, args.quick)
     if args.hf:
         return main_hf(args, work, small, large)
     corpus = f"standard library text repeated {args.repeat}x" if args.repeat else "unique text"

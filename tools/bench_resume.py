@@ -14,7 +14,10 @@ loads at once; the line is rank 0's), best of --repeats, and its ratio to the sa
 It leaves out the process start, imports, process groups and the engine build, which are the
 same on both paths; the whole process's wall-clock time is printed beside it. Target: <= 2x.
 
-    python tools/bench_resume.py [--repeats 3]
+    python tools/bench_resume.py [--repeats 3] [--quick]
+
+`--quick`: a tiny model (hidden 128, 2 layers), the smallest corpus (0.3 MB, vocabulary 512), one
+repeat: checks the script end to end, not the figures.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ MODEL = {"model.hidden_size": 512, "model.num_layers": 8, "model.num_attention_h
          "train.global_batch_size": 4, "train.precision": "fp32"}
 TARGETS = {"same layout (dp2 ZeRO-1)": (1, 2, 1), "dp 2 -> 1": (1, 1, 1), "tp 1 -> 2": (2, 2, 1),
            "ZeRO 1 -> 0": (1, 2, 0)}  # name: (tp, world, zero)
+QUICK = {"model.hidden_size": 128, "model.num_layers": 2, "model.num_attention_heads": 4, "model.num_kv_heads": 2,
+         "model.ffn_hidden_size": 352, "model.seq_length": 64}  # loads in tens of ms: not 0.00 s
 
 
 def _env() -> dict:
@@ -48,16 +53,16 @@ def _run(*cmd) -> subprocess.CompletedProcess:
     return proc
 
 
-def prepare(work: Path) -> list[str]:
+def prepare(work: Path, quick: bool = False) -> list[str]:
     corpus, tok, prefix = work / "corpus.jsonl", work / "tokenizer", work / "data" / "corpus"
-    _run(sys.executable, "tools/make_corpus.py", "--output", str(corpus), "--max-mb", "1")
-    _run(sys.executable, "-m", "bigllm", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "2048",
-         "--output", str(tok))
+    _run(sys.executable, "tools/make_corpus.py", "--output", str(corpus), "--max-mb", "0.3" if quick else "1")
+    _run(sys.executable, "-m", "bigllm", "tokenizer", "train", "--input", str(corpus), "--vocab-size",
+         "512" if quick else "2048", "--output", str(tok))
     _run(sys.executable, "-m", "bigllm", "preprocess", "--input", str(corpus), "--tokenizer", str(tok),
          "--output-prefix", str(prefix))
     values = {"data.tokenizer": tok, "data.prefixes": f"[{prefix}]", "train.max_steps": 1, "train.log_interval": 1,
               "train.eval_interval": 0, "train.save_interval": 0, "train.tensorboard": "false",
-              "data.split": "100,0,0", "parallel.pp": 1, **MODEL}
+              "data.split": "100,0,0", "parallel.pp": 1, **MODEL, **(QUICK if quick else {})}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -69,10 +74,13 @@ def train(world: int, overrides: list[str]) -> subprocess.CompletedProcess:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a tiny model, 1 repeat (checks the script, not the figure)")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats = 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = prepare(work)
+        base = prepare(work, args.quick)
         source = work / "source"
         train(2, base + [f"train.run_dir={source}", "parallel.zero_stage=1"])
         size = sum(p.stat().st_size for p in (source / "checkpoints").rglob("*") if p.is_file())

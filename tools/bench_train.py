@@ -8,7 +8,10 @@ noise, and the best of each side is compared. Target: bigllm >= 0.95x the baseli
 
 On a GPU (`--gpu`) the model is the ~1B config in bf16 and MFU is reported against --peak-tflops.
 
-    python tools/bench_train.py [--steps 12] [--repeats 2] [--gpu --peak-tflops 989]
+    python tools/bench_train.py [--steps 12] [--repeats 2] [--gpu --peak-tflops 989] [--quick]
+
+`--quick`: a tiny model (hidden 64, 2 layers, seq 64), 8 steps, one repeat, the smallest corpus
+(0.3 MB, vocabulary 512): checks the script end to end, not the figure.
 """
 
 from __future__ import annotations
@@ -33,19 +36,23 @@ CPU_MODEL = {"model.hidden_size": 256, "model.num_layers": 4, "model.num_attenti
 GPU_MODEL = {"model.hidden_size": 2048, "model.num_layers": 22, "model.num_attention_heads": 32,
              "model.num_kv_heads": 4, "model.ffn_hidden_size": 5632, "model.seq_length": 2048,
              "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.precision": "bf16"}
+QUICK_MODEL = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_attention_heads": 4,
+               "model.num_kv_heads": 2, "model.ffn_hidden_size": 176, "model.seq_length": 64,
+               "train.micro_batch_size": 2, "train.global_batch_size": 2, "train.precision": "fp32",
+               "data.split": "100,0,0"}  # 62 documents: too few for tiny.yaml's 1/1000 test share
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
 
 
-def prepare_data(work: Path) -> tuple[Path, Path]:
-    """Corpus -> tokenizer -> shard with the project's own commands."""
+def prepare_data(work: Path, quick: bool = False) -> tuple[Path, Path]:
+    """Corpus -> tokenizer -> shard with the project's own commands (`quick`: 0.3 MB, vocabulary 512)."""
     corpus, tok, prefix = work / "corpus.jsonl", work / "tokenizer", work / "data" / "corpus"
     run = lambda *cmd: subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    run(sys.executable, "tools/make_corpus.py", "--output", str(corpus), "--max-mb", "1")
-    run(sys.executable, "-m", "bigllm", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "2048",
-        "--output", str(tok))
+    run(sys.executable, "tools/make_corpus.py", "--output", str(corpus), "--max-mb", "0.3" if quick else "1")
+    run(sys.executable, "-m", "bigllm", "tokenizer", "train", "--input", str(corpus), "--vocab-size",
+        "512" if quick else "2048", "--output", str(tok))
     run(sys.executable, "-m", "bigllm", "preprocess", "--input", str(corpus), "--tokenizer", str(tok),
         "--output-prefix", str(prefix))
     return tok, prefix
@@ -140,16 +147,20 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu", action="store_true", help="~1B model in bf16 on one GPU, with MFU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (989 for H100/H200 bf16)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny model, 8 steps, 1 repeat (checks the script, not the figure)")
     ap.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_worker:
         baseline_worker(args.baseline_worker)
         return 0
-    args.model = GPU_MODEL if args.gpu else CPU_MODEL
+    if args.quick:
+        args.steps, args.repeats = 2 * LOG_INTERVAL, 1
+    args.model = QUICK_MODEL if args.quick else GPU_MODEL if args.gpu else CPU_MODEL
     tokens_per_step = args.model["train.global_batch_size"] * args.model["model.seq_length"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok, prefix = prepare_data(work)
+        tok, prefix = prepare_data(work, args.quick)
         ours, base = [], []
         for i in range(args.repeats):
             ours.append(run_bigllm(args, tok, prefix, work, i))
