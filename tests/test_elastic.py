@@ -115,7 +115,7 @@ def _refused(small_data, run_dir, world: int, **extra):
     """`bigllm train` as rank 0 of `world` (the preflight runs before any process group)."""
     env = dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     overrides = _overrides(small_data, run_dir, extra.pop("tp", 1), extra.pop("pp", 1), extra.pop("zero", 1), **extra)
-    proc = bigllm_cli("train", TINY, *overrides, env_extra=env)
+    proc = bigllm_cli("train", TINY, *overrides, env_extra=env, timeout=60)  # a refusal takes seconds
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]

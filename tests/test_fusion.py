@@ -21,9 +21,11 @@ NORM_RTOL = 1e-4
 
 
 def _run(tokenizer_dir, shard_prefix, run_dir, fusion: str, env_extra=None):
-    """(stdout, step -> loss and grad norm); no validation data, so no second (no-grad) compile."""
+    """(stdout, step -> loss and grad norm); no validation data, so no second (no-grad) compile.
+    With `env_extra` (inductor reads CXX and its cache dir when imported) in a fresh interpreter."""
     proc = run_ok(1, base_overrides(tokenizer_dir, shard_prefix, run_dir, **PARITY, **{
-        "train.fusion": fusion, "train.save_interval": 3, "data.split": "100,0,0"}), env_extra=env_extra)
+        "train.fusion": fusion, "train.save_interval": 3, "data.split": "100,0,0"}), env_extra=env_extra,
+        fresh=env_extra is not None)
     return proc.stdout, parity_record(run_dir)
 
 

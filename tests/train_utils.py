@@ -153,11 +153,14 @@ def launch_script(nproc: int, script: str, args: list, timeout: int = 300,
 
 
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
-             env_extra: dict | None = None) -> subprocess.CompletedProcess:
+             env_extra: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """`bigllm train CONFIG OVERRIDES...` on `nproc` ranks as torchrun starts them (its rank
     environment, one master port, the others stopped when a rank fails, exit 1 then), forked from
     the session's warm server: real processes and gloo groups without ~8 s of imports each. The
-    tests of launching itself (signals, dead peers, import-time warnings, SLURM) use `launch`."""
+    tests of launching itself (signals, dead peers, import-time warnings, SLURM) use `launch`, and
+    so does `fresh=True`: for an `env_extra` that the libraries read as they are imported."""
+    if fresh:
+        return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
     return fork_server().run(["train", config, *overrides], ROOT, env=clean_env(**(env_extra or {})),
                              timeout=timeout, nproc=nproc)
 
