@@ -143,11 +143,13 @@ def test_bad_input_is_one_line(args, needle, tiny, tmp_path, capsys):
 
 
 # ----- several processes, the checkpoint's own layout ---------------------------------------
-def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path, *extra):
-    from train_utils import launch
+def _torchrun_perplexity(nproc: int, checkpoint: Path, data: Path, report: Path, *extra, real: bool = False):
+    """On `nproc` ranks forked from the tests' warm server, or with `real` under torchrun itself."""
+    from train_utils import forked, launch
 
-    return launch(nproc, ["evaluate", "perplexity", "--checkpoint", checkpoint, "--data", data, "--seq-len", 48,
-                          "--stride", 24, "--batch-size", 4, "--output", report, "--quiet", *extra])
+    argv = ["evaluate", "perplexity", "--checkpoint", checkpoint, "--data", data, "--seq-len", 48, "--stride", 24,
+            "--batch-size", 4, "--output", report, "--quiet", *extra]
+    return launch(nproc, argv) if real else forked(nproc, argv)
 
 
 def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):
@@ -179,7 +181,7 @@ def test_several_processes_in_the_checkpoints_layout_agree(tiny, lm, tmp_path):
 
 
 def test_several_processes_that_do_not_fit_the_layout_fail_in_one_line(tiny, tmp_path):
-    proc = _torchrun_perplexity(3, tiny["run"], tiny["heldout"], tmp_path / "r.json")
+    proc = _torchrun_perplexity(3, tiny["run"], tiny["heldout"], tmp_path / "r.json", real=True)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "bigllm evaluate: error:" in line]
     assert errors and "not divisible by parallel.tp * parallel.pp = 2 * 2 = 4" in errors[0], proc.stderr[-3000:]

@@ -97,20 +97,22 @@ def test_unknown_task_and_missing_lm_eval_are_one_line(exported, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["tp2xpp2", "dp2"])
-def test_under_torchrun_in_the_checkpoints_layout(layout, exported, small_run, tmp_path, monkeypatch):
+def test_several_processes_in_the_checkpoints_layout(layout, exported, small_run, tmp_path, monkeypatch):
     """tp2 x pp2 (the checkpoint's own layout, 4 processes) and dp2 (a tp1 checkpoint on 2
-    processes): the same scores as one process."""
+    processes; ranks forked as torchrun starts them, see train_utils.torchrun): the same scores as
+    one process."""
     from bigllm.evaluate.harness import run_harness
     from bigllm.evaluate.loading import load_lm
-    from train_utils import launch
+    from train_utils import forked
 
     _offline(monkeypatch)
     run, nproc = (exported[0], 4) if layout == "tp2xpp2" else (small_run(1, 1), 2)
     tasks = ["bigllm_mc", "bigllm_text"]
-    one = run_harness(load_lm(run, device="cpu"), tasks, INCLUDE, batch_size=4)["results"]
+    # the first 12 documents of each task (lm-eval's --limit): the same ones in both runs
+    one = run_harness(load_lm(run, device="cpu"), tasks, INCLUDE, batch_size=4, limit=12)["results"]
     report = tmp_path / "harness.json"
-    proc = launch(nproc, ["evaluate", "harness", "--checkpoint", run, "--tasks", ",".join(tasks), "--include-path",
-                          INCLUDE, "--batch-size", 4, "--output", report],
+    proc = forked(nproc, ["evaluate", "harness", "--checkpoint", run, "--tasks", ",".join(tasks), "--include-path",
+                          INCLUDE, "--batch-size", 4, "--limit", 12, "--output", report],
                   env_extra={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     many = json.loads(report.read_text())["results"]

@@ -161,8 +161,12 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path 
     so does `fresh=True`: for an `env_extra` that the libraries read as they are imported."""
     if fresh:
         return launch(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
-    return fork_server().run(["train", config, *overrides], ROOT, env=clean_env(**(env_extra or {})),
-                             timeout=timeout, nproc=nproc)
+    return forked(nproc, ["train", config, *overrides], timeout=timeout, env_extra=env_extra)
+
+
+def forked(nproc: int, argv: list, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`bigllm ARGV...` on `nproc` ranks forked from the session's warm server, as `torchrun` above."""
+    return fork_server().run(argv, ROOT, env=clean_env(**(env_extra or {})), timeout=timeout, nproc=nproc)
 
 
 def cli_env(**extra) -> dict:
@@ -237,6 +241,10 @@ import bigllm.cli
 from bigllm.commands import convert, evaluate, preprocess  # noqa: F401
 import torch, deepspeed, megatron.core, sentencepiece, transformers  # noqa: F401  imported once, here
 import bigllm.train.loop, bigllm.train.engine, bigllm.model.build, bigllm.train.checkpointer  # noqa: F401
+try:
+    import lm_eval.evaluator  # noqa: F401  (the harness tests)
+except ImportError:
+    pass
 
 
 def child(req, env, out, err):

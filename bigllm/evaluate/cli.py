@@ -192,18 +192,19 @@ def bleu_main(args) -> int:
 def harness_main(args) -> int:
     """lm-eval tasks on the checkpoint (under torchrun: in its own layout); rank 0 prints lm-eval's
     table and writes lm-eval's results dict with the provenance."""
-    from bigllm.evaluate.harness import generation_tasks, require_lm_eval, run_harness
+    from bigllm.evaluate.harness import generation_tasks, require_lm_eval, run_harness, task_manager
     from bigllm.evaluate.parallel import launched_with_several_processes
 
     require_lm_eval()  # before the model is loaded
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise DataError("--tasks is empty; give comma-separated lm-eval task names")
+    manager = task_manager(tasks, args.include_path)  # unknown tasks refused before the model is loaded
     parallel = launched_with_several_processes()
     if parallel:
         from bigllm.evaluate.parallel import load_sharded
 
-        generating = generation_tasks(tasks, args.include_path)  # before the model is loaded
+        generating = generation_tasks(tasks, manager)
         if generating:
             raise ConfigError(f"--tasks {', '.join(generating)} generate text, which needs the model in one process "
                               "(bigllm generates with a KV cache on one device): run them without torchrun, and "
@@ -217,7 +218,8 @@ def harness_main(args) -> int:
         lm, lead = load_lm(args.checkpoint, tokenizer=args.tokenizer, device=args.device), True
     try:
         t0 = time.perf_counter()
-        out = run_harness(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size)
+        out = run_harness(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size,
+                          manager=manager)
     finally:
         if parallel:
             from bigllm.parallel.context import destroy_parallel

@@ -106,9 +106,9 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
-def generation_tasks(tasks: list[str], include_path: str | None = None) -> list[str]:
+def generation_tasks(tasks: list[str], manager) -> list[str]:
     """The tasks (or tasks of the groups) among `tasks` that generate text (lm-eval's
-    output_type generate_until)."""
+    output_type generate_until); `manager` from `task_manager`."""
     from lm_eval.tasks import get_task_dict
 
     found = []
@@ -120,15 +120,16 @@ def generation_tasks(tasks: list[str], include_path: str | None = None) -> list[
             elif getattr(task, "OUTPUT_TYPE", None) == "generate_until":
                 found.append(getattr(getattr(task, "config", None), "task", None) or str(name))
 
-    walk(get_task_dict(tasks, task_manager(tasks, include_path)))
+    walk(get_task_dict(tasks, manager))
     return found
 
 
 def run_harness(lm, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
-                limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
-    """lm-eval's `simple_evaluate` over bigllm's model with its task manager; lm-eval's results dict."""
+                limit: int | None = None, batch_size: int = 8, log_samples: bool = False, manager=None) -> dict:
+    """lm-eval's `simple_evaluate` over bigllm's model with its task manager (`manager`, if the
+    caller has one: indexing lm-eval's tasks takes seconds); lm-eval's results dict."""
     from lm_eval import simple_evaluate
 
-    manager = task_manager(tasks, include_path)
+    manager = manager or task_manager(tasks, include_path)
     return simple_evaluate(model=harness_lm(lm, batch_size), tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples)
