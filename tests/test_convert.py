@@ -104,13 +104,13 @@ def test_reshard_resumes_with_the_moments(runs, data, tmp_path):
     tok, prefix = data
     orig = tmp_path / "orig"
     shutil.copytree(runs[(1, 2)], orig)
-    from train_utils import launch
+    from train_utils import forked
 
     for out, extra in (("new", []), ("reset", ["--reset-optimizer"])):
         proc = cli("reshard", "--checkpoint", runs[(1, 2)], "--tp", 2, "--pp", 1, "--output", tmp_path / out, *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         if out == "new":  # the README's way: train the resharded run dir from its own config.yaml
-            proc = launch(2, ["train", tmp_path / out / "config.yaml", "train.max_steps=4"])
+            proc = forked(2, ["train", tmp_path / out / "config.yaml", "train.max_steps=4"])
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert "resumed from" in proc.stdout and "at step 2 (8 samples consumed)" in proc.stdout
         else:

@@ -87,7 +87,7 @@ def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
     has waited parallel.timeout_s, timed from the hang (step 2 logged), not from the launch."""
     import threading
 
-    timeout_s = 15
+    timeout_s = 10
     overrides = base_overrides(tokenizer_dir, shard_prefix, tmp_path, **{
         "train.max_steps": STEPS, "parallel.timeout_s": timeout_s})
     proc = _launch(2, overrides, BIGLLM_FAULT="hang@3:1")
@@ -98,7 +98,8 @@ def test_hung_peer_fails_within_timeout(tokenizer_dir, shard_prefix, tmp_path):
             if "a peer process died or hung" in line and "error" not in seen:
                 seen["error"], seen["line"] = time.time(), line
                 # seen: stop the job (torchrun would wait 30 s on the stopped rank before killing it)
-                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in [*workers_of(proc.pid).values(), proc.pid]:
+                    os.kill(pid, signal.SIGKILL)
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
     wait_for_step(tmp_path, 2, proc)

@@ -143,13 +143,11 @@ def launch(nproc: int, argv: list, timeout: int = 300, env_extra: dict | None = 
 
 def launch_script(nproc: int, script: str, args: list, timeout: int = 300,
                   env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N tests/SCRIPT ARGS...`: a test's worker script that
-    runs bigllm in its processes with hooks of its own (tests/sync_worker.py, params_worker.py)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "tests" / script), *map(str, args)]
-    # a script's own folder heads sys.path, not the working directory: name this checkout's bigllm
-    env = clean_env(PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    """`torchrun --nproc-per-node N tests/SCRIPT ARGS...` on ranks forked as `torchrun` below
+    starts them: a test's worker script that runs bigllm in its processes with hooks of its own
+    (tests/sync_worker.py, params_worker.py)."""
+    return fork_server().run(args, ROOT, env=clean_env(**(env_extra or {})), timeout=timeout, nproc=nproc,
+                             script=ROOT / "tests" / script)
 
 
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300, config: Path = TINY,
@@ -256,9 +254,16 @@ def child(req, env, out, err):
     os.dup2(err, 2)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = ["bigllm", *req["argv"]]
     try:
-        code = bigllm.cli.main(req["argv"])
+        if req.get("script"):  # a test's worker script, run as `python SCRIPT ARGV...` would run it
+            import runpy
+            sys.argv = [req["script"], *req["argv"]]
+            sys.path.insert(0, os.path.dirname(req["script"]))
+            runpy.run_path(req["script"], run_name="__main__")
+            code = 0
+        else:
+            sys.argv = ["bigllm", *req["argv"]]
+            code = bigllm.cli.main(req["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -340,13 +345,14 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def run(self, argv: list, cwd, env: dict | None = None, timeout: int = 120,
-            nproc: int = 0) -> subprocess.CompletedProcess:
-        """`bigllm ARGV` in a forked child; with `nproc`, on that many forked ranks as torchrun
-        would start them (rank environment, a free master port, the others stopped when one fails)."""
+    def run(self, argv: list, cwd, env: dict | None = None, timeout: int = 120, nproc: int = 0,
+            script: Path | None = None) -> subprocess.CompletedProcess:
+        """`bigllm ARGV` (or `python SCRIPT ARGV`) in a forked child; with `nproc`, on that many
+        forked ranks as torchrun would start them (rank environment, a free master port, the
+        others stopped when one fails)."""
         out, err = self.tmp / "fork.stdout", self.tmp / "fork.stderr"
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env or self.env, "stdout": str(out),
-                   "stderr": str(err), "timeout": int(timeout), "nproc": nproc}
+                   "stderr": str(err), "timeout": int(timeout), "nproc": nproc, "script": str(script or "")}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())
