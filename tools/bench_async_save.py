@@ -117,7 +117,7 @@ def main() -> None:
     print(f"  stall, sync   first {sync[0]:7.3f}   later {statistics.mean(sync[1:]):7.3f}")
     print(f"  stall, async  first {asyn[0]:7.3f}   later {statistics.mean(asyn[1:]):7.3f}")
     ratio = statistics.mean(asyn[1:]) / statistics.mean(sync[1:])
-    print(f"  async / sync stall (later saves)  {ratio:.3f}  (target <= 0.10); first save {asyn[0] / sync[0]:.3f}")
+    print(f"  async / sync stall (later saves)  {ratio:.3f}x  (target <= 0.10x); first save {asyn[0] / sync[0]:.3f}x")
     print(f"  throughput cost per save (steps beyond the undisturbed {sync_base:.2f} s / {async_base:.2f} s): "
           f"sync {sync_cost:.3f}, async {async_cost:.3f}")
 
