@@ -4,7 +4,6 @@ during a save leaves the previous checkpoint in charge and the relaunch resumes 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
