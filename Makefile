@@ -20,7 +20,7 @@ quickstart: venv
 	$(BIN)/python tools/quickstart.py --workdir quickstart
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # The development loop's tier: the unit tests and one parity run (golden losses), a few minutes.
 # CI and the README's command run the whole suite (`make test`).
