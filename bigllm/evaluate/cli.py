@@ -209,7 +209,6 @@ def harness_main(args) -> int:
             raise ConfigError(f"--tasks {', '.join(generating)} generate text, which needs the model in one process "
                               "(bigllm generates with a KV cache on one device): run them without torchrun, and "
                               "only log-likelihood tasks under it")
-
         lm = load_sharded(args.checkpoint, args.batch_size, tokenizer=args.tokenizer)
         lead = lm.ctx.rank == 0
     else:

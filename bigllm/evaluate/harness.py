@@ -130,6 +130,7 @@ def run_harness(lm, tasks: list[str], include_path: str | None = None, num_fewsh
     caller has one: indexing lm-eval's tasks takes seconds); lm-eval's results dict."""
     from lm_eval import simple_evaluate
 
-    manager = manager or task_manager(tasks, include_path)
+    if manager is None:
+        manager = task_manager(tasks, include_path)
     return simple_evaluate(model=harness_lm(lm, batch_size), tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples)
